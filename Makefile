@@ -1,0 +1,52 @@
+# botaclip — two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU wheel for machines without CUDA; GPU users install their own torch build first
+TORCH_CPU := torch==2.13.0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo demo-tiny test test-slow lint bench server clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.stamp-install: pyproject.toml | $(PY)
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: installing torch from PyPI"; $(PY) -m pip install torch; \
+	  else $(PY) -m pip install $(TORCH_CPU); fi; fi
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.stamp-install
+	$(VENV)/bin/botaclip demo --workdir botaclip-demo
+
+demo-tiny: $(VENV)/.stamp-install
+	$(VENV)/bin/botaclip demo --workdir botaclip-demo-tiny --size tiny
+
+test: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.stamp-install
+	$(PY) benchmarks/bench_tiling.py
+	$(PY) benchmarks/bench_train.py
+
+server: $(VENV)/.stamp-install
+	$(VENV)/bin/prefect server start
+
+clean:
+	rm -rf botaclip-demo botaclip-demo-tiny .pytest_cache

@@ -1,0 +1,311 @@
+"""The data catalog: datasets, regions, model and stage settings, validated with pydantic."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from botaclip_core.errors import CatalogError
+
+
+class StrictModel(BaseModel):
+    """Base for every settings model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OrthophotoSpec(StrictModel):
+    """Orthophoto sources of a region and how their bands map to wavelengths."""
+
+    paths: list[str] = Field(min_length=1, description="Globs relative to the catalog file.")
+    bands: list[str] = Field(min_length=1)
+    wavelengths_um: list[float] = Field(min_length=1)
+    nodata: float | None = Field(None, description="Overrides the nodata value of the files.")
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    precedence: Literal["catalog_order", "newest_first"] = Field(
+        "catalog_order",
+        description="Where sources overlap: the first path listed wins, or the newest file "
+        "(acquisition date in TIFFTAG_DATETIME, else file modification time) wins.",
+    )
+    mean: list[float] | None = Field(None, description="Per-band normalisation mean (DN).")
+    std: list[float] | None = Field(None, description="Per-band normalisation std (DN).")
+
+    @model_validator(mode="after")
+    def _bands_match(self) -> OrthophotoSpec:
+        n = len(self.bands)
+        for name in ("wavelengths_um", "mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(
+                    f"{name} has {len(values)} values but bands has {n} ({self.bands}); "
+                    "give one value per band"
+                )
+        for w in self.wavelengths_um:
+            if not 0.3 <= w <= 15.0:
+                raise ValueError(f"wavelength {w} is not in µm (expected 0.3–15, e.g. 0.665 for red)")
+        return self
+
+
+class RegionSpec(StrictModel):
+    """A region: its grid, its orthophotos, and the datasets used to train and evaluate."""
+
+    crs: str
+    resolution: float = Field(gt=0)
+    bounds: tuple[float, float, float, float] | None = Field(
+        None, description="left, bottom, right, top in the region CRS; default: the sources' union"
+    )
+    orthophotos: OrthophotoSpec
+    releves: str | None = None
+    targets: list[str] = Field(default_factory=list)
+
+
+class DatasetSpec(StrictModel):
+    """A vector dataset of sites (relevés, surveys, occurrences, abundances)."""
+
+    kind: Literal["releves", "presence_absence", "presence_only", "abundance"]
+    path: str
+    crs: str | None = Field(None, description="Required for CSV; read from the file otherwise.")
+    x: str = "x"
+    y: str = "y"
+    site_id: str = "site_id"
+    species: str = "species"
+    value: str | None = None
+    layer: str | None = None
+
+
+class DofaSpec(StrictModel):
+    """The DOFA backbone."""
+
+    size: Literal["tiny", "small", "base", "large"] = "base"
+    weights: str | None = Field(None, description="DOFA checkpoint path; null = random init.")
+
+
+class ModelSpec(StrictModel):
+    """Model settings."""
+
+    dofa: DofaSpec = DofaSpec()
+
+
+class TileSettings(StrictModel):
+    """Tiling: model tile size (= Zarr chunk) and parallelism."""
+
+    tile_size: int = Field(224, ge=16, description="Model input size in pixels; Zarr chunk size.")
+    workers: int | None = Field(None, ge=1, description="Dask workers; default: all cores.")
+
+
+class FinetuneSettings(StrictModel):
+    """Contrastive fine-tuning (defaults follow the seed description)."""
+
+    mode: Literal["adapter", "partial", "full"] = "adapter"
+    loss: Literal["infonce", "sigmoid"] = "infonce"
+    regularizer: Literal["l2sp", "similarity", "none"] = "l2sp"
+    reg_weight: float = Field(0.01, ge=0)
+    releve_encoder: Literal["linear", "mlp"] = "linear"
+    releve_input: Literal["presence", "cover"] = "presence"
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(64, ge=2)
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(8, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    augment_views: int = Field(4, ge=1, description="Augmented chip views cached per plot.")
+    seed: int = 0
+
+
+class EmbedSettings(StrictModel):
+    """Wall-to-wall embedding inference."""
+
+    batch_size: int = Field(8, ge=1)
+    block_tiles: int = Field(4, ge=1, description="Tiles per Dask block side.")
+
+
+class DownstreamSettings(StrictModel):
+    """Species models on embeddings."""
+
+    folds: int = Field(5, ge=2)
+    block_size_m: float | None = Field(None, gt=0, description="Spatial CV block; default: 1/5 of the region")
+    n_background: int = Field(1000, ge=10)
+    min_presences: int = Field(5, ge=2)
+    C: float = Field(0.1, gt=0, description="Inverse L2 strength of the logistic models.")
+    alpha: float = Field(10.0, gt=0, description="Ridge strength of the abundance models.")
+    pca_components: int | None = Field(32, ge=1)
+    feature_sources: list[Literal["dofa", "botaclip"]] = ["dofa", "botaclip"]
+    seed: int = 0
+
+
+class DaskSettings(StrictModel):
+    """Where Dask work runs."""
+
+    address: str | None = Field(None, description="Existing scheduler; null = a LocalCluster.")
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+
+
+class Catalog(StrictModel):
+    """The whole catalog file."""
+
+    version: Literal[1] = 1
+    workdir: str = "work"
+    regions: dict[str, RegionSpec] = Field(min_length=1)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    model: ModelSpec = ModelSpec()
+    tiling: TileSettings = TileSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    embed: EmbedSettings = EmbedSettings()
+    downstream: DownstreamSettings = DownstreamSettings()
+    dask: DaskSettings = DaskSettings()
+    base_dir: Path = Field(Path("."), exclude=True, description="Set by load_catalog.")
+
+    @field_validator("regions")
+    @classmethod
+    def _names(cls, regions: dict[str, RegionSpec]) -> dict[str, RegionSpec]:
+        for name in regions:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"region name {name!r}: use letters, digits, '-' and '_' only")
+        return regions
+
+    @model_validator(mode="after")
+    def _references(self) -> Catalog:
+        for rname, region in self.regions.items():
+            refs = ([region.releves] if region.releves else []) + list(region.targets)
+            for ref in refs:
+                if ref not in self.datasets:
+                    raise ValueError(
+                        f"regions.{rname} names dataset {ref!r}, which is not under 'datasets' "
+                        f"(defined: {sorted(self.datasets) or 'none'})"
+                    )
+            if region.releves and self.datasets[region.releves].kind != "releves":
+                raise ValueError(
+                    f"regions.{rname}.releves: dataset {region.releves!r} has kind "
+                    f"{self.datasets[region.releves].kind!r}; it must have kind 'releves'"
+                )
+        for dname, ds in self.datasets.items():
+            if ds.path.lower().endswith(".csv") and ds.crs is None:
+                raise ValueError(
+                    f"datasets.{dname}: CSV file {ds.path!r} needs 'crs' (e.g. crs: \"EPSG:4326\" "
+                    "for lon/lat) and the coordinate columns 'x' and 'y'"
+                )
+            if ds.kind == "abundance" and ds.value is None:
+                raise ValueError(f"datasets.{dname}: kind 'abundance' needs 'value' (the count column)")
+        return self
+
+    # resolution of relative paths -------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        """A catalog path made absolute against the catalog file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def workdir_path(self) -> Path:
+        """Absolute artifact-store root."""
+        return self.resolve(self.workdir)
+
+    def region(self, name: str) -> RegionSpec:
+        """The named region, or an error listing the defined ones."""
+        try:
+            return self.regions[name]
+        except KeyError:
+            raise CatalogError(
+                f"region {name!r} is not in the catalog; defined regions: {sorted(self.regions)}. "
+                "Pass one of them with --region."
+            ) from None
+
+    def orthophoto_files(self, region: str) -> list[Path]:
+        """Expand the orthophoto globs of a region, in catalog order, without duplicates.
+
+        Raises:
+            CatalogError: if a glob matches no file.
+        """
+        files: list[Path] = []
+        for pattern in self.region(region).orthophotos.paths:
+            matches = sorted(glob.glob(str(self.resolve(pattern)), recursive=True))
+            if not matches:
+                raise CatalogError(
+                    f"regions.{region}.orthophotos.paths: {pattern!r} matches no file "
+                    f"(looked in {self.base_dir}). Fix the glob or the catalog location."
+                )
+            files.extend(Path(m) for m in matches if Path(m) not in files)
+        return files
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for unknown-key messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+            # Optional[Model] → Model
+            models = [a for a in getattr(current, "__args__", ()) if _is_model(a)]
+            if models and getattr(current, "__origin__", None) is not dict:
+                current = models[0]
+        elif getattr(current, "__origin__", None) is dict:
+            current = current.__args__[-1]
+        else:
+            return []
+    return [n for n, f in current.model_fields.items() if not f.exclude] if _is_model(current) else []
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def format_validation_error(exc: ValidationError, *, source: str) -> str:
+    """One message per problem: the dotted field, the bad value, what is allowed."""
+    lines = [f"{source}: invalid catalog"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Catalog, loc)
+            lines.append(
+                f"  - {where}: unknown key {str(loc[-1])!r}; allowed keys here: {', '.join(allowed)}"
+            )
+        elif err["type"] == "missing":
+            lines.append(f"  - {where}: required field is missing")
+        else:
+            value = err.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  - {where}: {err['msg']} (got {shown[:120]})")
+    return "\n".join(lines)
+
+
+def parse_catalog(data: dict[str, Any], *, base_dir: Path, source: str = "catalog") -> Catalog:
+    """Validate a catalog mapping; relative paths resolve against ``base_dir``.
+
+    Raises:
+        CatalogError: with one line per invalid field.
+    """
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    try:
+        catalog = Catalog.model_validate(data)
+    except ValidationError as exc:
+        raise CatalogError(format_validation_error(exc, source=source)) from None
+    return catalog.model_copy(update={"base_dir": Path(base_dir).resolve()})
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate a catalog YAML file.
+
+    Raises:
+        CatalogError: if the file is missing, not YAML, or invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog {path}: no such file. Pass the path of a data_catalog.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+    return parse_catalog(data, base_dir=path.parent, source=str(path))
+
+
+def dump_catalog(catalog: Catalog) -> str:
+    """YAML text of a catalog (defaults included), for writing next to outputs."""
+    return yaml.safe_dump(catalog.model_dump(mode="json", exclude={"base_dir"}), sort_keys=False)

@@ -1,0 +1,514 @@
+"""The BotaCLIP pipeline as plain Python: stage plans (keys), stage builds, and a runner.
+
+Each stage has a plan (its key: name, version, output-changing settings, input fingerprints and
+upstream keys) computed cheaply before anything runs, and a build that writes into the stage's
+store folder. Prefect tasks wrap :func:`run_stage`; :func:`run_region` runs the same stages
+in-process for library users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from botaclip_core import downstream as ds_models
+from botaclip_core.catalog import Catalog, dump_catalog
+from botaclip_core.errors import CatalogError, StageError
+from botaclip_core.grid import RegionGrid
+from botaclip_core.store import ArtifactStore, StageResult, atomic_write_json, fingerprint_file, stage_key
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("tile", "rasterize", "finetune", "embed", "downstream")
+DEPENDS = {
+    "tile": (),
+    "rasterize": (),
+    "finetune": ("tile", "rasterize"),
+    "embed": ("tile", "finetune"),
+    "downstream": ("embed", "rasterize"),
+}
+# bump when a stage's output format or algorithm changes, so old outputs are not reused
+VERSIONS = {"tile": "1", "rasterize": "1", "features": "1", "finetune": "1", "embed-dofa": "1", "embed": "1", "downstream": "1"}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What identifies one stage output: its key and everything that went into it."""
+
+    stage: str
+    key: str
+    settings: dict[str, Any]
+    inputs: dict[str, Any]
+
+
+@dataclass
+class RegionPlan:
+    """Plans of the stages to run for one region, in order."""
+
+    catalog_path: str
+    region: str
+    grid: RegionGrid
+    stages: dict[str, StagePlan] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def key(self, stage: str) -> str:
+        """Key of a stage (planned to run or not)."""
+        return self.keys[stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what Prefect tasks receive)."""
+        return {
+            "catalog_path": self.catalog_path,
+            "region": self.region,
+            "grid": self.grid.to_dict(),
+            "stages": {s: {"key": p.key, "settings": p.settings, "inputs": p.inputs} for s, p in self.stages.items()},
+            "keys": dict(self.keys),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegionPlan:
+        """Inverse of :meth:`to_dict`."""
+        stages = {s: StagePlan(s, p["key"], p["settings"], p["inputs"]) for s, p in data["stages"].items()}
+        return cls(data["catalog_path"], data["region"], RegionGrid.from_dict(data["grid"]), stages, dict(data["keys"]))
+
+
+def resolve_stages(requested: Sequence[str] | None, *, has_releves: bool, has_targets: bool) -> list[str]:
+    """The requested stages plus what they need, in pipeline order.
+
+    Raises:
+        CatalogError: for an unknown stage or one the region's data cannot support.
+    """
+    wanted = list(requested) if requested else list(STAGES)
+    for name in wanted:
+        if name not in STAGES:
+            raise CatalogError(f"--stages: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    if not requested:
+        wanted = [s for s in STAGES if (s != "finetune" or has_releves) and (s != "downstream" or has_targets)]
+    for name in wanted:
+        if name == "finetune" and not has_releves:
+            raise CatalogError("stage 'finetune' needs the region's 'releves' dataset in the catalog")
+        if name == "downstream" and not has_targets:
+            raise CatalogError("stage 'downstream' needs the region's 'targets' in the catalog")
+    closed: set[str] = set()
+
+    def visit(stage: str) -> None:
+        for dep in DEPENDS[stage]:
+            if dep == "finetune" and not has_releves:
+                continue
+            visit(dep)
+        closed.add(stage)
+
+    for name in wanted:
+        visit(name)
+    return [s for s in STAGES if s in closed]
+
+
+class Pipeline:
+    """The stages of one region of a catalog.
+
+    Args:
+        catalog: the validated catalog.
+        region: the region's name.
+        catalog_path: where the catalog came from (recorded in reports).
+    """
+
+    def __init__(self, catalog: Catalog, region: str, *, catalog_path: str | Path = "") -> None:
+        self.catalog = catalog
+        self.region_name = region
+        self.region = catalog.region(region)
+        self.catalog_path = str(catalog_path)
+        self.store = ArtifactStore(catalog.workdir_path)
+        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self._grid: RegionGrid | None = None
+
+    # ---------------------------------------------------------------- planning
+    def fingerprint(self, path: Path) -> dict[str, Any]:
+        """Fingerprint of an input file, computed once per pipeline."""
+        key = str(path)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint_file(path)
+        return self._fingerprints[key]
+
+    @property
+    def grid(self) -> RegionGrid:
+        """Region grid: the catalog's bounds, or the union of the orthophotos' footprints."""
+        if self._grid is None:
+            from botaclip_core.tiling import region_grid_for_sources
+
+            self._grid = region_grid_for_sources(
+                self.catalog.orthophoto_files(self.region_name),
+                crs=self.region.crs,
+                resolution=self.region.resolution,
+                bounds=self.region.bounds,
+            )
+        return self._grid
+
+    def _dataset_inputs(self, names: Sequence[str]) -> dict[str, Any]:
+        out = {}
+        for name in names:
+            spec = self.catalog.datasets[name]
+            out[name] = {"spec": spec.model_dump(mode="json"), "file": self.fingerprint(self.catalog.resolve(spec.path))}
+        return out
+
+    def _model_settings(self) -> dict[str, Any]:
+        dofa = self.catalog.model.dofa
+        weights = self.fingerprint(self.catalog.resolve(dofa.weights)) if dofa.weights else None
+        ortho = self.region.orthophotos
+        return {
+            "size": dofa.size,
+            "weights": weights,
+            "wavelengths_um": ortho.wavelengths_um,
+            "mean": ortho.mean,
+            "std": ortho.std,
+            "tile_size": self.catalog.tiling.tile_size,
+        }
+
+    def plan(self, stages: Sequence[str] | None = None) -> RegionPlan:
+        """Keys of the requested stages and of everything they need.
+
+        Keys of every stage the region supports are computed (cheap: file fingerprints and
+        settings), since a stage's key includes its upstream keys.
+        """
+        has_releves, has_targets = bool(self.region.releves), bool(self.region.targets)
+        names = resolve_stages(stages, has_releves=has_releves, has_targets=has_targets)
+        ortho = self.region.orthophotos
+        planned: dict[str, StagePlan] = {}
+
+        def add(stage: str, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
+            key = stage_key(stage, VERSIONS[stage], settings, inputs)
+            planned[stage] = StagePlan(stage, key, settings, inputs)
+
+        add(
+            "tile",
+            {
+                "grid": self.grid.to_dict(),
+                "orthophotos": ortho.model_dump(mode="json", exclude={"paths", "mean", "std"}),
+                "tile_size": self.catalog.tiling.tile_size,
+            },
+            {"orthophotos": [self.fingerprint(p) for p in self.catalog.orthophoto_files(self.region_name)]},
+        )
+        datasets = ([self.region.releves] if has_releves else []) + list(self.region.targets)
+        add("rasterize", {"grid": self.grid.to_dict(), "datasets": datasets}, self._dataset_inputs(datasets))
+        if has_releves:
+            add(
+                "finetune",
+                {
+                    "finetune": self.catalog.finetune.model_dump(mode="json"),
+                    "model": self._model_settings(),
+                    "releves": self.region.releves,
+                },
+                {"tile": planned["tile"].key, "rasterize": planned["rasterize"].key},
+            )
+        add(
+            "embed",
+            {"model": self._model_settings(), "block_tiles": self.catalog.embed.block_tiles},
+            {"tile": planned["tile"].key, "finetune": planned["finetune"].key if has_releves else None},
+        )
+        if has_targets:
+            add(
+                "downstream",
+                {"downstream": self.catalog.downstream.model_dump(mode="json"), "targets": list(self.region.targets)},
+                {"embed": planned["embed"].key, "rasterize": planned["rasterize"].key},
+            )
+        plan = RegionPlan(self.catalog_path, self.region_name, self.grid)
+        plan.stages = {s: planned[s] for s in names}
+        plan.keys = {s: p.key for s, p in planned.items()}
+        return plan
+
+    # ---------------------------------------------------------------- running
+    def run_stage(self, plan: RegionPlan, stage: str) -> StageResult:
+        """Run one planned stage (its upstream stages must be complete)."""
+        sp = plan.stages[stage]
+        build: Callable[[Path], dict[str, Any]] = getattr(self, f"_build_{stage}")
+
+        def wrapped(out_dir: Path) -> dict[str, Any]:
+            return build(out_dir, plan)
+
+        return self.store.run(stage, VERSIONS[stage], sp.settings, sp.inputs, wrapped, key=sp.key)
+
+    def upstream(self, plan: RegionPlan, stage: str) -> dict[str, Any]:
+        """Outputs of a completed upstream stage."""
+        return self.store.manifest(stage, plan.key(stage))["outputs"]
+
+    def _build_tile(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
+        from botaclip_core.tiling import tile_orthophotos
+
+        ortho = self.region.orthophotos
+        client_ctx = None
+        if self.catalog.dask.address:
+            from botaclip_core.cluster import dask_client
+
+            client_ctx = dask_client(self.catalog.dask)
+        client = client_ctx.__enter__() if client_ctx else None
+        try:
+            result = tile_orthophotos(
+                self.catalog.orthophoto_files(self.region_name),
+                out_dir / "image.zarr",
+                grid=plan.grid,
+                bands=ortho.bands,
+                wavelengths_um=ortho.wavelengths_um,
+                tile_size=self.catalog.tiling.tile_size,
+                resampling=ortho.resampling,
+                nodata=ortho.nodata,
+                precedence=ortho.precedence,
+                workers=self.catalog.tiling.workers,
+                dask_client=client,
+            )
+        finally:
+            if client_ctx:
+                client_ctx.__exit__(None, None, None)
+        return {"zarr": str(result.path), "grid": result.grid.to_dict(), "blocks": result.n_blocks, "blocks_written": result.n_written, "dtype": result.dtype}
+
+    def _build_rasterize(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
+        from botaclip_core.releves import sites_on_grid
+
+        outputs: dict[str, Any] = {}
+        names = ([self.region.releves] if self.region.releves else []) + list(self.region.targets)
+        for name in names:
+            spec = self.catalog.datasets[name]
+            table = sites_on_grid(spec, self.catalog.resolve(spec.path), plan.grid, name=name)
+            outputs[name] = {"kind": spec.kind, "n_sites": len(table.sites), "n_species": len(table.species), **table.save(out_dir, name)}
+        return outputs
+
+    def _backbone_spec(self, dtype: str) -> Any:
+        from botaclip_core.embed import BackboneSpec
+        from botaclip_core.features import band_statistics
+
+        ortho = self.region.orthophotos
+        mean, std = band_statistics(len(ortho.bands), dtype, ortho.mean, ortho.std)
+        weights = self.catalog.model.dofa.weights
+        return BackboneSpec(
+            size=self.catalog.model.dofa.size,
+            weights=str(self.catalog.resolve(weights)) if weights else None,
+            seed=self.catalog.finetune.seed,
+            wavelengths_um=tuple(ortho.wavelengths_um),
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+            batch_size=self.catalog.embed.batch_size,
+            torch_threads=self._torch_threads(),
+        )
+
+    def _torch_threads(self) -> int | None:
+        """Torch threads per local Dask worker: the cores shared among the workers."""
+        import os
+
+        if self.catalog.dask.address:
+            return None
+        from botaclip_core.cluster import local_workers
+
+        return max(1, (os.cpu_count() or 1) // local_workers(self.catalog.dask))
+
+    def _build_finetune(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
+        from botaclip_core.finetune import TrainingData, train_adapter
+        from botaclip_core.releves import SiteTable
+
+        tile = self.upstream(plan, "tile")
+        raster = self.upstream(plan, "rasterize")
+        releves_name = self.region.releves
+        assert releves_name is not None  # planned only for regions with relevés
+        table = SiteTable.load(Path(raster[releves_name]["sites"]).parent, releves_name)
+        settings = self.catalog.finetune
+        spec = self._backbone_spec(tile["dtype"])
+        feat_settings = {"model": self._model_settings(), "views": settings.augment_views, "seed": settings.seed}
+        feat_inputs = {"tile": plan.key("tile"), "rasterize": plan.key("rasterize"), "releves": releves_name}
+        features = self.store.run(
+            "features", VERSIONS["features"], feat_settings, feat_inputs,
+            lambda d: self._build_chip_features(d, Path(tile["zarr"]), table, spec),
+        )
+        data = np.load(features.outputs["features"])
+        keep = np.load(features.outputs["plots"])
+        train = TrainingData(
+            features=data,
+            releves=table.values[keep],
+            coords=table.sites[["x", "y"]].to_numpy()[keep],
+            species=table.species,
+        )
+        summary = train_adapter(train, settings, out_dir)
+        card = {
+            "model": "BotaCLIP adapter over frozen DOFA",
+            "dofa": {"size": spec.size, "weights": spec.weights or "random initialisation (no pretrained weights)"},
+            "settings": settings.model_dump(mode="json"),
+            "data": {"tile_key": plan.key("tile"), "rasterize_key": plan.key("rasterize"), "features_key": features.key, "n_plots": int(len(data)), "n_species": len(table.species)},
+            "metrics": {k: v for k, v in summary.items() if k != "history"},
+            "species": table.species,
+        }
+        atomic_write_json(out_dir / "model_card.json", card)
+        return {
+            "model": summary["model"],
+            "model_card": str(out_dir / "model_card.json"),
+            "training_curve": str(out_dir / "training_curve.png"),
+            "best_val_loss": summary["best_val_loss"],
+            "val_recall_at_5": summary["val_recall_at_5"],
+            "features_status": features.status,
+        }
+
+    def _build_chip_features(self, out_dir: Path, image_zarr: Path, table: Any, spec: Any) -> dict[str, Any]:
+        from botaclip_core.chips import ChipReader, draw_augmentations
+        from botaclip_core.features import encode_tiles, load_backbone
+
+        reader = ChipReader(image_zarr, self.catalog.tiling.tile_size)
+        rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
+        import zarr
+
+        valid = zarr.open_group(str(image_zarr), mode="r")["valid"]
+        keep = np.array([bool(valid[r, c]) for r, c in zip(rows, cols, strict=True)])
+        if keep.sum() < 8:
+            raise StageError(f"only {int(keep.sum())} relevé plots fall on valid orthophoto pixels; need ≥ 8")
+        model = load_backbone(spec.size, spec.weights, spec.seed)
+        views = self.catalog.finetune.augment_views
+        feats = np.zeros((int(keep.sum()), views, int(model.embed_dim)), dtype=np.float32)
+        mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+        for i, idx in enumerate(np.flatnonzero(keep)):
+            augs = draw_augmentations(views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx))
+            chips = np.stack([reader.read(int(rows[idx]), int(cols[idx]), a) for a in augs])
+            feats[i] = encode_tiles(model, chips, spec.wavelengths_um, mean, std, batch_size=spec.batch_size)
+        np.save(out_dir / "features.npy", feats)
+        np.save(out_dir / "plots.npy", np.flatnonzero(keep))
+        return {"features": str(out_dir / "features.npy"), "plots": str(out_dir / "plots.npy"), "n_plots": int(keep.sum()), "views": views}
+
+    def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
+        from botaclip_core.cluster import dask_client
+        from botaclip_core.embed import embed_region, transform_embeddings
+        from botaclip_core.features import load_backbone
+
+        tile = self.upstream(plan, "tile")
+        spec = self._backbone_spec(tile["dtype"])
+        sp = plan.stages["embed"]
+        dofa_settings = {"model": sp.settings["model"], "block_tiles": self.catalog.embed.block_tiles, "seed": spec.seed}
+        dim = int(load_backbone(spec.size, spec.weights, spec.seed).embed_dim)
+
+        def build_dofa(d: Path) -> dict[str, Any]:
+            with dask_client(self.catalog.dask) as client:
+                return embed_region(
+                    Path(tile["zarr"]), d / "dofa.zarr", spec=spec, dim=dim,
+                    tile_size=self.catalog.tiling.tile_size, block_tiles=self.catalog.embed.block_tiles,
+                    client=client, attrs={"source": "dofa", "dofa_size": spec.size, "dofa_weights": spec.weights or "random"},
+                )
+
+        dofa = self.store.run("embed-dofa", VERSIONS["embed-dofa"], dofa_settings, {"tile": plan.key("tile")}, build_dofa)
+        outputs: dict[str, Any] = {"dofa": dofa.outputs["zarr"], "dofa_status": dofa.status}
+        if sp.inputs.get("finetune"):
+            from botaclip_core.finetune import load_adapter
+
+            model = load_adapter(Path(self.upstream(plan, "finetune")["model"]))
+            weight = model.adapter.weight.detach().numpy().T.copy()
+            bias = model.adapter.bias.detach().numpy().copy()
+            transform_embeddings(
+                Path(dofa.outputs["zarr"]), out_dir / "botaclip.zarr", lambda x: x @ weight + bias,
+                out_dim=weight.shape[1], attrs={"source": "botaclip", "finetune_key": plan.key("finetune")},
+            )
+            outputs["botaclip"] = str(out_dir / "botaclip.zarr")
+        return outputs
+
+    def _build_downstream(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
+        from botaclip_core.embed import sample_embeddings
+        from botaclip_core.releves import SiteTable
+
+        emb = self.upstream(plan, "embed")
+        raster = self.upstream(plan, "rasterize")
+        settings = self.catalog.downstream
+        tile_size = self.catalog.tiling.tile_size
+        sources = {s: Path(emb[s]) for s in settings.feature_sources if s in emb}
+        grid = plan.grid
+        block = settings.block_size_m or max(grid.width, grid.height) * grid.resolution / 5.0
+        background = self._background(Path(emb["dofa"]), settings, tile_size)
+        rows: list[dict[str, Any]] = []
+        per_target: dict[str, Any] = {}
+        for name in self.region.targets:
+            kind = self.catalog.datasets[name].kind
+            table = SiteTable.load(Path(raster[name]["sites"]).parent, name)
+            r, c = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
+            xy = table.sites[["x", "y"]].to_numpy()
+            for source, path in sources.items():
+                X = sample_embeddings(path, r, c, tile_size)
+                ok = ~np.isnan(X).any(axis=1)
+                if kind == "presence_absence":
+                    scores = ds_models.evaluate_presence_absence(X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block)
+                elif kind == "presence_only":
+                    bX = sample_embeddings(path, background["rows"], background["cols"], tile_size)
+                    scores = ds_models.evaluate_presence_only(
+                        X[ok], table.values[ok], xy[ok], bX, background["xy"], table.species, settings, block_size=block
+                    )
+                else:
+                    scores = ds_models.evaluate_abundance(X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block)
+                if not scores.n_targets:
+                    logger.warning("downstream %s/%s: no target has enough data to score", name, source)
+                for metric, value in scores.metrics.items():
+                    rows.append({
+                        "task": name, "kind": kind, "features": source, "model": ds_models.MODEL_NAMES[kind],
+                        "metric": metric, "value": round(float(value), 4), "n_targets": scores.n_targets,
+                        "primary": metric == ds_models.PRIMARY_METRIC[kind],
+                    })
+                per_target[f"{name}/{source}"] = scores.per_target
+        atomic_write_json(out_dir / "metrics.json", rows)
+        atomic_write_json(out_dir / "per_target.json", per_target)
+        return {"metrics": rows, "metrics_file": str(out_dir / "metrics.json"), "per_target_file": str(out_dir / "per_target.json")}
+
+    def _background(self, dofa_zarr: Path, settings: Any, tile_size: int) -> dict[str, np.ndarray]:
+        """Background points: random pixels of covered embedding cells (seeded)."""
+        import zarr
+
+        arr = zarr.open_array(str(dofa_zarr / "embedding"), mode="r")
+        covered = np.argwhere(~np.isnan(arr[0]))  # one feature plane: (ty, tx), small
+        rng = np.random.default_rng(settings.seed)
+        pick = covered[rng.integers(0, len(covered), size=settings.n_background)]
+        rows = pick[:, 0] * tile_size + rng.integers(0, tile_size, size=len(pick))
+        cols = pick[:, 1] * tile_size + rng.integers(0, tile_size, size=len(pick))
+        xs, ys = self.grid.xy(rows, cols)
+        return {"rows": rows, "cols": cols, "xy": np.column_stack([xs, ys])}
+
+
+def build_report(region: str, results: dict[str, StageResult]) -> dict[str, Any]:
+    """The run report: stage statuses and timings, embedding paths, downstream metrics."""
+    report: dict[str, Any] = {"region": region, "stages": {}, "embeddings": {}, "downstream": []}
+    for name, res in results.items():
+        report["stages"][name] = {"status": res.status, "seconds": round(res.seconds, 2), "output": str(res.path), "key": res.key}
+    if "embed" in results:
+        outs = results["embed"].outputs
+        report["embeddings"] = {k: outs[k] for k in ("dofa", "botaclip") if k in outs}
+    if "finetune" in results:
+        outs = results["finetune"].outputs
+        report["model_card"] = outs.get("model_card")
+    if "downstream" in results:
+        report["downstream"] = results["downstream"].outputs["metrics"]
+    return report
+
+
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    """Write the report atomically."""
+    atomic_write_json(path, report)
+    return path
+
+
+def run_region(
+    catalog: Catalog,
+    region: str,
+    *,
+    stages: Sequence[str] | None = None,
+    catalog_path: str | Path = "",
+    report_path: Path | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline for one region in this process (no Prefect) and return the report."""
+    pipeline = Pipeline(catalog, region, catalog_path=catalog_path)
+    plan = pipeline.plan(stages)
+    start = time.perf_counter()
+    results = {name: pipeline.run_stage(plan, name) for name in plan.stages}
+    report = build_report(region, results)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    path = report_path or catalog.workdir_path / "reports" / f"{region}.json"
+    write_report(report, path)
+    (catalog.workdir_path / "reports" / f"{region}.catalog.yaml").write_text(dump_catalog(catalog))
+    logger.info("report written to %s", path)
+    return report
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read a report written by :func:`write_report`."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,180 @@
+"""The artifact store: content-addressed stage folders, completion manifests, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from botaclip_core import __version__
+from botaclip_core.errors import InputDataError, StageError
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS.json"
+KEY_LENGTH = 16
+# beyond this size a file's content hash samples head, middle and tail instead of every byte
+FULL_HASH_LIMIT = 256 * 2**20
+SAMPLE_BYTES = 8 * 2**20
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal settings hash equally."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint_file(path: str | Path) -> dict[str, Any]:
+    """Identity of an input file: path, size, mtime and a content hash.
+
+    Files larger than 256 MiB are hashed on three 8 MiB samples plus their size, which keeps
+    fingerprinting a département's orthophotos to seconds while still catching rewrites.
+
+    Raises:
+        InputDataError: if the file does not exist.
+    """
+    p = Path(path)
+    try:
+        stat = p.stat()
+    except FileNotFoundError:
+        raise InputDataError(f"{p}: no such file. Check the path in the catalog.") from None
+    digest = hashlib.blake2b(digest_size=16)
+    with open(p, "rb") as fh:
+        if stat.st_size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: fh.read(2**22), b""):
+                digest.update(block)
+        else:
+            for offset in (0, stat.st_size // 2, stat.st_size - SAMPLE_BYTES):
+                fh.seek(offset)
+                digest.update(fh.read(SAMPLE_BYTES))
+    return {
+        "path": str(p.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "blake2b": digest.hexdigest(),
+    }
+
+
+def stage_key(stage: str, version: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+    """Hash of a stage's name, version, output-changing settings and input fingerprints."""
+    payload = canonical_json({"stage": stage, "version": version, "settings": settings, "inputs": inputs})
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """:func:`atomic_write_text` of indented JSON."""
+    atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: where, under which key, and whether it ran or was cached."""
+
+    stage: str
+    key: str
+    status: str  # "completed" | "cached"
+    seconds: float
+    path: Path
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """Small JSON-ready record (what Prefect tasks return)."""
+        return {
+            "stage": self.stage,
+            "key": self.key,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "path": str(self.path),
+            "outputs": self.outputs,
+        }
+
+
+class ArtifactStore:
+    """``<root>/<stage>/<key>/`` folders; a stage is complete once its ``_SUCCESS.json`` exists."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        """Folder of one stage output."""
+        return self.root / stage / key
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        """Whether the stage output exists and was finished."""
+        return (self.stage_dir(stage, key) / SUCCESS).is_file()
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any]:
+        """The completion manifest of a finished stage.
+
+        Raises:
+            StageError: if the stage has not completed.
+        """
+        path = self.stage_dir(stage, key) / SUCCESS
+        if not path.is_file():
+            raise StageError(
+                f"stage {stage!r} output {key} is not complete ({path} missing); run that stage first"
+            )
+        return json.loads(path.read_text())
+
+    def run(
+        self,
+        stage: str,
+        version: str,
+        settings: Mapping[str, Any],
+        inputs: Mapping[str, Any],
+        build: Callable[[Path], dict[str, Any]],
+        *,
+        key: str | None = None,
+    ) -> StageResult:
+        """Run ``build(out_dir)`` unless the keyed output is already complete.
+
+        ``build`` writes into ``out_dir`` (which survives a crash, so long stages resume inside
+        it) and returns the outputs to record; the manifest is written last, atomically.
+        """
+        key = key or stage_key(stage, version, settings, inputs)
+        out_dir = self.stage_dir(stage, key)
+        if self.is_complete(stage, key):
+            manifest = self.manifest(stage, key)
+            logger.info("%s: cached (%s)", stage, out_dir)
+            return StageResult(stage, key, "cached", 0.0, out_dir, manifest["outputs"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("%s: running into %s", stage, out_dir)
+        start = time.perf_counter()
+        outputs = build(out_dir)
+        seconds = time.perf_counter() - start
+        atomic_write_json(
+            out_dir / SUCCESS,
+            {
+                "stage": stage,
+                "stage_version": version,
+                "key": key,
+                "code_version": __version__,
+                "settings": dict(settings),
+                "inputs": dict(inputs),
+                "outputs": outputs,
+                "seconds": round(seconds, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+        return StageResult(stage, key, "completed", seconds, out_dir, outputs)
+
+    def discard(self, stage: str, key: str) -> None:
+        """Remove a stage output (complete or partial)."""
+        shutil.rmtree(self.stage_dir(stage, key), ignore_errors=True)

@@ -1,0 +1,886 @@
+"""Orthophotos → image Zarr on a region grid, block by block, sparse, parallel and resumable."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor used on opened stores)
+import xarray as xr
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window
+
+from botaclip_core.errors import CRSMismatchError, InputDataError
+from botaclip_core.georef import georeferenced_dataset
+from botaclip_core.grid import RegionGrid, parse_crs
+
+if TYPE_CHECKING:
+    import distributed
+
+logger = logging.getLogger(__name__)
+
+RESAMPLING_METHODS = ("nearest", "bilinear", "cubic", "average")
+PRECEDENCE_POLICIES = ("catalog_order", "newest_first")
+RECORDS_SUFFIX = ".blocks"
+# bump when the bytes a run writes change, so stale partial stores are not resumed
+_LAYOUT_VERSION = 1
+# source pixels read around a block's footprint so that the resampling kernel has support
+_KERNEL_PAD = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
+_GDAL_ENV = {
+    # blocks are processed in parallel already: one GDAL thread per block avoids oversubscription
+    "GDAL_NUM_THREADS": 1,
+    # per-process block cache, bounded so that memory does not grow with the region
+    "GDAL_CACHEMAX": 256,
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "VSI_CACHE": True,
+}
+_BLOCKS_PER_TASK = 64  # 8×8 blocks per Dask task: neighbours share decompressed source tiles
+_TASK_SIDE = 8
+_BLOCKS_PER_WAVE = 4096  # graph size bound: one wave of tasks at a time
+
+
+@dataclass(frozen=True)
+class TilingResult:
+    """Summary of a tiling run.
+
+    Attributes:
+        path: the image Zarr store.
+        grid: the region grid the store is written on.
+        n_blocks: blocks (tile_size × tile_size) in the whole region grid.
+        n_written: blocks written by this run.
+        n_skipped_resumed: blocks skipped because an earlier run recorded them as done.
+        n_empty: blocks examined by this run whose intersecting sources were all nodata.
+        dtype: dtype of the ``image`` variable.
+    """
+
+    path: Path
+    grid: RegionGrid
+    n_blocks: int
+    n_written: int
+    n_skipped_resumed: int
+    n_empty: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What workers need to know about one source (small and picklable)."""
+
+    path: str
+    crs_wkt: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    has_mask: bool
+    footprint: tuple[float, float, float, float]  # (left, bottom, right, top) in grid CRS
+    offset: tuple[int, int] | None  # (row, col) of the source's (0, 0) pixel on the grid if aligned
+    date: float  # acquisition time (POSIX seconds) for newest_first
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Settings shared by every block of a run."""
+
+    out: str
+    records: str
+    grid: RegionGrid
+    tile_size: int
+    n_bands: int
+    dtype: str
+    resampling: str
+
+
+def records_dir(zarr_path: Path) -> Path:
+    """Directory of the per-block completion logs of a store: ``<out>/../<out name>.blocks``."""
+    zarr_path = Path(zarr_path)
+    return zarr_path.parent / (zarr_path.name + RECORDS_SUFFIX)
+
+
+def region_grid_for_sources(
+    sources: Sequence[Path],
+    *,
+    crs: str,
+    resolution: float,
+    bounds: tuple[float, float, float, float] | None = None,
+) -> RegionGrid:
+    """Region grid covering the union of the sources' footprints, snapped to the resolution.
+
+    Args:
+        sources: orthophoto files (any GDAL raster, any CRS).
+        crs: CRS of the grid, e.g. ``"EPSG:2154"``.
+        resolution: pixel size in CRS units.
+        bounds: explicit (left, bottom, right, top) in ``crs``; when given, the sources are not
+            opened and these bounds win.
+
+    Returns:
+        The smallest grid on the resolution lattice covering the footprints (or ``bounds``).
+
+    Raises:
+        InputDataError: if no source is given or a source cannot be opened.
+        CRSMismatchError: if ``crs`` is invalid or a source has no CRS.
+    """
+    grid_crs = parse_crs(crs)
+    if resolution <= 0 or not math.isfinite(resolution):
+        raise InputDataError(f"resolution: {resolution!r} must be a positive number of CRS units.")
+    if bounds is not None:
+        return RegionGrid.from_bounds(crs, resolution, tuple(bounds))  # type: ignore[arg-type]
+    if not sources:
+        raise InputDataError("sources: no orthophoto given; list at least one file.")
+    lefts, bottoms, rights, tops = [], [], [], []
+    for path in sources:
+        with _open_source(path) as ds:
+            _require_crs(ds, path)
+            left, bottom, right, top = transform_bounds(ds.crs, grid_crs, *ds.bounds, densify_pts=21)
+        lefts.append(left)
+        bottoms.append(bottom)
+        rights.append(right)
+        tops.append(top)
+    return RegionGrid.from_bounds(crs, resolution, (min(lefts), min(bottoms), max(rights), max(tops)))
+
+
+def tile_orthophotos(
+    sources: Sequence[Path],
+    out: Path,
+    *,
+    grid: RegionGrid,
+    bands: list[str],
+    wavelengths_um: list[float],
+    tile_size: int = 224,
+    resampling: str = "bilinear",
+    nodata: float | None = None,
+    precedence: str = "catalog_order",
+    workers: int | None = None,
+    dask_client: distributed.Client | None = None,
+) -> TilingResult:
+    """Write orthophotos onto ``grid`` as an image Zarr, one tile_size × tile_size block at a time.
+
+    Each block of the grid gets the pixels of the sources whose footprint intersects it. A source
+    already on the grid (same CRS and resolution, origin an integer number of pixels away) is
+    copied exactly with a windowed read; any other is warped onto the block with
+    ``rasterio.warp.reproject`` and ``resampling``, its validity mask warped alongside as an alpha
+    band. A source pixel is valid unless all its bands equal the nodata value (``nodata``
+    overrides the file's), or the file's mask says so; sources without nodata or mask are valid
+    over their whole footprint.
+
+    Where sources overlap, each pixel comes from the first source, in precedence order, that is
+    valid there: ``catalog_order`` is the order of ``sources``; ``newest_first`` sorts by
+    acquisition date (the TIFFTAG_DATETIME tag if present, else the file modification time),
+    newest first, ties kept in catalog order.
+
+    The store is sparse: blocks that no source footprint touches are never read nor written, and
+    blocks whose sources are all nodata there are not written either; the fill value (0, valid 0)
+    stands for them. Blocks are processed by Dask in waves (threads, or the workers of
+    ``dask_client``, which open the files themselves). Each finished block is recorded in
+    ``<out name>.blocks/`` next to the store after its chunks are written, so a killed run
+    resumes where it stopped and ends with the same store as an uninterrupted one. Metadata is
+    consolidated once, at the end.
+
+    Args:
+        sources: orthophoto files (any GDAL raster, any CRS), in catalog order.
+        out: the Zarr store directory to write (e.g. ``<stage>/image.zarr``).
+        grid: the region grid.
+        bands: band names, in the files' band order.
+        wavelengths_um: centre wavelength of each band in µm.
+        tile_size: block side in pixels (= Zarr chunk side).
+        resampling: one of ``nearest``, ``bilinear``, ``cubic``, ``average``.
+        nodata: overrides the nodata value of every source.
+        precedence: ``catalog_order`` or ``newest_first``.
+        workers: threads for the local Dask scheduler (default: CPU count).
+        dask_client: a ``distributed.Client`` to run the blocks on instead.
+
+    Returns:
+        A :class:`TilingResult`.
+
+    Raises:
+        InputDataError: unreadable source, band-count mismatch, bad settings, or no source
+            intersecting the grid.
+        CRSMismatchError: a source without CRS.
+    """
+    _validate_settings(sources, bands, wavelengths_um, tile_size, resampling, precedence)
+    out = Path(out)
+    infos = [_inspect_source(Path(p), grid, bands, nodata) for p in sources]
+    infos = _order_sources(infos, precedence)
+    dtype = np.result_type(*[np.dtype(s.dtype) for s in infos]).name
+
+    n_brows = math.ceil(grid.height / tile_size)
+    n_bcols = math.ceil(grid.width / tile_size)
+    block_ids, src_lists = _candidate_blocks(infos, grid, tile_size, n_bcols)
+    if block_ids.size == 0:
+        raise InputDataError(
+            f"sources: none of the {len(infos)} orthophotos ({infos[0].path}, ...) intersects the "
+            f"region grid {grid.crs} bounds {grid.bounds}; check the region bounds and the files' CRS."
+        )
+
+    settings = {
+        "layout": _LAYOUT_VERSION,
+        "grid": grid.to_dict(),
+        "bands": list(bands),
+        "wavelengths_um": [float(w) for w in wavelengths_um],
+        "tile_size": tile_size,
+        "resampling": resampling,
+        "nodata": nodata,
+        "precedence": precedence,
+        "dtype": dtype,
+        "sources": [_fingerprint(Path(s.path)) for s in infos],
+        "source_order": [str(p) for p in sources],
+    }
+    records = records_dir(out)
+    done = _prepare_store(out, records, settings, grid, bands, wavelengths_um, tile_size, dtype, sources)
+
+    todo_mask = ~np.isin(block_ids, done)
+    n_skipped = int(block_ids.size - todo_mask.sum())
+    job = _Job(str(out), str(records), grid, tile_size, len(bands), dtype, resampling)
+    tasks = _group_tasks(block_ids[todo_mask], [src_lists[i] for i in np.flatnonzero(todo_mask)],
+                         infos, n_bcols)
+    logger.info(
+        "tiling %d sources onto %s: %d of %d blocks to do (%d done earlier)",
+        len(infos), out, int(todo_mask.sum()), n_brows * n_bcols, n_skipped,
+    )
+    n_written = n_empty = 0
+    for wave in _waves(tasks):
+        for written, empty in _run_wave(job, wave, workers, dask_client):
+            n_written += written
+            n_empty += empty
+        logger.debug("tiling %s: %d written, %d empty so far", out, n_written, n_empty)
+
+    _consolidate(out)
+    logger.info("tiled %s: %d blocks written, %d empty, %d resumed", out, n_written, n_empty, n_skipped)
+    return TilingResult(out, grid, n_brows * n_bcols, n_written, n_skipped, n_empty, dtype)
+
+
+def covered_blocks(zarr_path: Path) -> list[tuple[int, int]]:
+    """(block_row, block_col) of the blocks of an image Zarr that hold source pixels, sorted.
+
+    Raises:
+        InputDataError: if ``zarr_path`` has no ``valid`` array.
+    """
+    valid = Path(zarr_path) / "valid"
+    if not (valid / "zarr.json").exists():
+        raise InputDataError(
+            f"{zarr_path}: no 'valid' array; this is not an image Zarr written by tile_orthophotos."
+        )
+    blocks = []
+    chunk_root = valid / "c"
+    if chunk_root.is_dir():
+        for row_dir in os.scandir(chunk_root):
+            if row_dir.name.isdigit() and row_dir.is_dir():
+                for col in os.scandir(row_dir.path):
+                    if col.name.isdigit():
+                        blocks.append((int(row_dir.name), int(col.name)))
+    return sorted(blocks)
+
+
+def open_image(zarr_path: Path) -> xr.Dataset:
+    """Open an image Zarr lazily, with its CRS and transform available through ``.rio``.
+
+    Raises:
+        InputDataError: if the store does not exist.
+    """
+    zarr_path = Path(zarr_path)
+    root = zarr_path / "zarr.json"
+    if not root.exists():
+        raise InputDataError(f"{zarr_path}: not a Zarr v3 store (no zarr.json); run the tile stage.")
+    consolidated = json.loads(root.read_text()).get("consolidated_metadata") is not None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return xr.open_zarr(zarr_path, consolidated=consolidated, zarr_format=3)
+
+
+# --- validation and source inspection ---------------------------------------------------------
+
+
+def _validate_settings(
+    sources: Sequence[Path],
+    bands: list[str],
+    wavelengths_um: list[float],
+    tile_size: int,
+    resampling: str,
+    precedence: str,
+) -> None:
+    if not sources:
+        raise InputDataError("sources: no orthophoto given; list at least one file.")
+    if not bands:
+        raise InputDataError("bands: empty; list the band names in the files' band order.")
+    if len(wavelengths_um) != len(bands):
+        raise InputDataError(
+            f"wavelengths_um: {len(wavelengths_um)} values for {len(bands)} bands {bands}; "
+            "give one wavelength per band."
+        )
+    if tile_size < 1:
+        raise InputDataError(f"tile_size: {tile_size} must be a positive number of pixels.")
+    if resampling not in RESAMPLING_METHODS:
+        raise InputDataError(f"resampling: {resampling!r} is not one of {list(RESAMPLING_METHODS)}.")
+    if precedence not in PRECEDENCE_POLICIES:
+        raise InputDataError(f"precedence: {precedence!r} is not one of {list(PRECEDENCE_POLICIES)}.")
+
+
+def _open_source(path: Path | str) -> Any:
+    try:
+        return rasterio.open(path)
+    except (RasterioIOError, OSError) as exc:
+        raise InputDataError(
+            f"{path}: GDAL cannot open this file as a raster ({exc}); check the path and format."
+        ) from exc
+
+
+def _require_crs(ds: Any, path: Path | str) -> None:
+    if ds.crs is None:
+        raise CRSMismatchError(
+            f"{path}: the raster has no CRS, so it cannot be placed on the region grid; assign one "
+            "(e.g. `gdal_edit.py -a_srs EPSG:2154 FILE`) or add a .prj/.aux.xml next to it."
+        )
+
+
+def _acquisition_time(ds: Any, path: Path) -> float:
+    stamp = ds.tags().get("TIFFTAG_DATETIME")
+    if stamp:
+        for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+            try:
+                parsed = _dt.datetime.strptime(stamp.strip(), fmt)
+                return parsed.replace(tzinfo=_dt.UTC).timestamp()
+            except ValueError:
+                continue
+        logger.warning("%s: unreadable TIFFTAG_DATETIME %r; using the file modification time", path, stamp)
+    return path.stat().st_mtime
+
+
+def _aligned_offset(ds: Any, grid: RegionGrid) -> tuple[int, int] | None:
+    """Grid (row, col) of the source's first pixel if the source lies on the grid lattice."""
+    if ds.crs != grid.crs_obj:
+        return None
+    t = ds.transform
+    res = grid.resolution
+    if t.b != 0 or t.d != 0 or not math.isclose(t.a, res, rel_tol=1e-9):
+        return None
+    if not math.isclose(-t.e, res, rel_tol=1e-9):
+        return None
+    col = (t.c - grid.left) / res
+    row = (grid.top - t.f) / res
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
+def _inspect_source(path: Path, grid: RegionGrid, bands: list[str], nodata: float | None) -> _Source:
+    with _open_source(path) as ds:
+        _require_crs(ds, path)
+        if ds.count != len(bands):
+            raise InputDataError(
+                f"{path}: has {ds.count} bands but the catalog lists {len(bands)} bands {bands}; "
+                "list one name per band of the file, in the file's band order."
+            )
+        dtypes = set(ds.dtypes)
+        if len(dtypes) != 1:
+            raise InputDataError(f"{path}: bands of mixed dtypes {sorted(dtypes)}; convert it to one dtype.")
+        flags = ds.mask_flag_enums[0]
+        has_mask = any(f.name in ("per_dataset", "alpha") for f in flags) and ds.nodata is None
+        footprint = transform_bounds(ds.crs, grid.crs_obj, *ds.bounds, densify_pts=21)
+        return _Source(
+            path=str(path),
+            crs_wkt=ds.crs.to_wkt(),
+            transform=tuple(ds.transform)[:6],
+            width=ds.width,
+            height=ds.height,
+            count=ds.count,
+            dtype=ds.dtypes[0],
+            nodata=nodata if nodata is not None else ds.nodata,
+            has_mask=has_mask and nodata is None,
+            footprint=footprint,
+            offset=_aligned_offset(ds, grid),
+            date=_acquisition_time(ds, path),
+        )
+
+
+def _order_sources(infos: list[_Source], precedence: str) -> list[_Source]:
+    if precedence == "newest_first":
+        # stable sort: equal dates keep catalog order
+        return sorted(infos, key=lambda s: -s.date)
+    return infos
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _candidate_blocks(
+    infos: list[_Source], grid: RegionGrid, tile_size: int, n_bcols: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Blocks touched by a source footprint, with their sources in precedence order."""
+    n_brows = math.ceil(grid.height / tile_size)
+    res = grid.resolution
+    pair_blocks, pair_srcs = [], []
+    for idx, s in enumerate(infos):
+        left, bottom, right, top = s.footprint
+        c0 = math.floor((left - grid.left) / res / tile_size + 1e-9)
+        c1 = math.ceil((right - grid.left) / res / tile_size - 1e-9)
+        r0 = math.floor((grid.top - top) / res / tile_size + 1e-9)
+        r1 = math.ceil((grid.top - bottom) / res / tile_size - 1e-9)
+        c0, r0 = max(c0, 0), max(r0, 0)
+        c1, r1 = min(c1, n_bcols), min(r1, n_brows)
+        if c0 >= c1 or r0 >= r1:
+            logger.warning("%s: does not intersect the region grid %s; skipped", s.path, grid.bounds)
+            continue
+        rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+        ids = (rows * n_bcols + cols).ravel()
+        pair_blocks.append(ids)
+        pair_srcs.append(np.full(ids.size, idx, dtype=np.int32))
+    if not pair_blocks:
+        return np.empty(0, dtype=np.int64), []
+    blocks = np.concatenate(pair_blocks).astype(np.int64)
+    srcs = np.concatenate(pair_srcs)
+    order = np.lexsort((srcs, blocks))
+    blocks, srcs = blocks[order], srcs[order]
+    unique, starts = np.unique(blocks, return_index=True)
+    return unique, np.split(srcs, starts[1:])
+
+
+def _group_tasks(
+    block_ids: np.ndarray, src_lists: list[np.ndarray], infos: list[_Source], n_bcols: int
+) -> list[tuple[list[int], list[list[int]], list[_Source]]]:
+    """Group blocks into spatially compact tasks (8×8 blocks) that carry only their sources."""
+    if block_ids.size == 0:
+        return []
+    rows, cols = block_ids // n_bcols, block_ids % n_bcols
+    n_scols = math.ceil(n_bcols / _TASK_SIDE)
+    super_ids = (rows // _TASK_SIDE) * n_scols + cols // _TASK_SIDE
+    order = np.lexsort((block_ids, super_ids))
+    tasks = []
+    current: int | None = None
+    blocks: list[int] = []
+    lists: list[np.ndarray] = []
+
+    def flush() -> None:
+        used = sorted({int(i) for lst in lists for i in lst})
+        local = {g: k for k, g in enumerate(used)}
+        tasks.append(
+            (blocks.copy(), [[local[int(i)] for i in lst] for lst in lists], [infos[g] for g in used])
+        )
+
+    for k in order:
+        sid = int(super_ids[k])
+        if blocks and (sid != current or len(blocks) >= _BLOCKS_PER_TASK):
+            flush()
+            blocks, lists = [], []
+        current = sid
+        blocks.append(int(block_ids[k]))
+        lists.append(src_lists[k])
+    if blocks:
+        flush()
+    return tasks
+
+
+def _waves(tasks: list[Any]) -> Iterator[list[Any]]:
+    wave: list[Any] = []
+    n = 0
+    for task in tasks:
+        wave.append(task)
+        n += len(task[0])
+        if n >= _BLOCKS_PER_WAVE:
+            yield wave
+            wave, n = [], 0
+    if wave:
+        yield wave
+
+
+# --- store creation, completion records, consolidation -----------------------------------------
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_store(
+    out: Path,
+    records: Path,
+    settings: dict[str, Any],
+    grid: RegionGrid,
+    bands: list[str],
+    wavelengths_um: list[float],
+    tile_size: int,
+    dtype: str,
+    sources: Sequence[Path],
+) -> np.ndarray:
+    """Create the store's metadata, or reuse a partial store of the same settings.
+
+    Returns:
+        Block ids already recorded as done.
+    """
+    stamp = records / "_settings.json"
+    digest = _settings_hash(settings)
+    if stamp.exists() and (out / "zarr.json").exists():
+        try:
+            previous = json.loads(stamp.read_text()).get("hash")
+        except json.JSONDecodeError:
+            previous = None
+        if previous == digest:
+            done = _read_records(records, settings)
+            logger.info("%s: resuming, %d blocks already done", out, done.size)
+            return done
+        logger.info("%s: settings changed since the last run; rewriting the store", out)
+    if records.exists():
+        shutil.rmtree(records)
+    if out.exists():
+        shutil.rmtree(out)
+    _write_metadata(out, grid, bands, wavelengths_um, tile_size, dtype, sources)
+    records.mkdir(parents=True)
+    tmp = records / "_settings.json.tmp"
+    tmp.write_text(json.dumps({"hash": digest, "settings": settings}, sort_keys=True))
+    os.replace(tmp, stamp)
+    return np.empty(0, dtype=np.int64)
+
+
+def _write_metadata(
+    out: Path,
+    grid: RegionGrid,
+    bands: list[str],
+    wavelengths_um: list[float],
+    tile_size: int,
+    dtype: str,
+    sources: Sequence[Path],
+) -> None:
+    import dask.array as da
+    from zarr.codecs import ZstdCodec
+
+    n = len(bands)
+    image = da.zeros((n, grid.height, grid.width), dtype=dtype, chunks=(n, tile_size, tile_size))
+    valid = da.zeros((grid.height, grid.width), dtype=np.uint8, chunks=(tile_size, tile_size))
+    band_attrs = {"bands": list(bands), "wavelengths_um": [float(w) for w in wavelengths_um]}
+    ds = georeferenced_dataset(
+        grid,
+        {
+            "image": (("band", "y", "x"), image, {**band_attrs, "long_name": "orthophoto DN"}),
+            "valid": (("y", "x"), valid, {"long_name": "1 where a source had a valid pixel"}),
+        },
+        {
+            "tile_size": tile_size,
+            **band_attrs,
+            "sources": [str(p) for p in sources],
+        },
+    )
+    ds = ds.assign_coords(band=("band", np.array(bands, dtype=object)))
+    codec = ZstdCodec(level=3)
+    encoding = {
+        "image": {"chunks": (n, tile_size, tile_size), "compressors": [codec], "fill_value": 0},
+        "valid": {"chunks": (tile_size, tile_size), "compressors": [codec], "fill_value": 0},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        ds.to_zarr(out, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+
+
+def _read_records(records: Path, settings: dict[str, Any]) -> np.ndarray:
+    n_bcols = math.ceil(settings["grid"]["width"] / settings["tile_size"])
+    ids: list[int] = []
+    for log in records.glob("*.log"):
+        text = log.read_text()
+        # a line cut by a kill has no newline: that block is not done
+        for line in text.split("\n")[:-1]:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] in ("w", "e"):
+                ids.append(int(parts[0]) * n_bcols + int(parts[1]))
+    return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+def _consolidate(out: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(out))
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _thread_cache() -> dict[str, Any]:
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    return cache
+
+
+def _dataset(path: str) -> Any:
+    """The calling thread's open handle on a source (GDAL handles are not thread-safe)."""
+    cache = _thread_cache()
+    key = "src:" + path
+    ds = cache.get(key)
+    if ds is None or ds.closed:
+        with rasterio.Env(**_GDAL_ENV):
+            ds = _open_source(path)
+        cache[key] = ds
+        if len([k for k in cache if k.startswith("src:")]) > 64:
+            # keep the number of open files per thread bounded on large catalogs
+            oldest = next(k for k in cache if k.startswith("src:"))
+            cache.pop(oldest).close()
+    return ds
+
+
+def _transformer(grid_crs: str, src_wkt: str) -> Any:
+    """The calling thread's grid → source CRS transformer (PROJ setup costs milliseconds)."""
+    from pyproj import Transformer
+
+    cache = _thread_cache()
+    key = "proj:" + grid_crs + "|" + src_wkt
+    tr = cache.get(key)
+    if tr is None:
+        tr = cache[key] = Transformer.from_crs(grid_crs, src_wkt, always_xy=True)
+    return tr
+
+
+class _ChunkWriter:
+    """Writes whole chunks of a Zarr v3 array straight to its directory store.
+
+    Going through ``zarr.Array.__setitem__`` costs milliseconds per chunk in event-loop round
+    trips; the store layout this module creates (default ``/`` chunk keys, bytes + zstd codecs)
+    is simple enough to encode directly. Anything else falls back to the zarr API.
+    """
+
+    def __init__(self, root: str, name: str) -> None:
+        meta = json.loads((Path(root) / name / "zarr.json").read_text())
+        self.path = os.path.join(root, name)
+        self.chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        cke = meta["chunk_key_encoding"]
+        codecs = meta["codecs"]
+        direct = (
+            cke["name"] == "default"
+            and cke.get("configuration", {}).get("separator", "/") == "/"
+            and len(codecs) == 2
+            and codecs[0]["name"] == "bytes"
+            and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+            and codecs[1]["name"] == "zstd"
+        )
+        self.array: Any = None
+        self.codec: Any = None
+        if direct:
+            from numcodecs.zstd import Zstd
+
+            conf = codecs[1].get("configuration", {})
+            self.codec = Zstd(level=conf.get("level", 0), checksum=conf.get("checksum", False))
+        else:
+            import zarr
+
+            self.array = zarr.open_array(root, path=name, mode="r+", zarr_format=3)
+
+    def write(self, chunk_index: tuple[int, ...], data: np.ndarray) -> None:
+        """Write ``data`` (possibly a clipped edge chunk) as the chunk at ``chunk_index``."""
+        if self.array is not None:
+            sel = tuple(
+                slice(i * c, i * c + n) for i, c, n in zip(chunk_index, self.chunk_shape, data.shape, strict=True)
+            )
+            self.array[sel] = data
+            return
+        if data.shape != self.chunk_shape:
+            # Zarr stores edge chunks at full size, padded with the fill value (0 here)
+            full = np.zeros(self.chunk_shape, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in data.shape)] = data
+            data = full
+        payload = self.codec.encode(np.ascontiguousarray(data, dtype=self.dtype))
+        directory = os.path.join(self.path, "c", *map(str, chunk_index[:-1]))
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, str(chunk_index[-1])), "wb") as fh:
+            fh.write(payload)
+
+
+def _zarr_writers(out: str) -> tuple[_ChunkWriter, _ChunkWriter]:
+    cache = _thread_cache()
+    key = "zarr:" + out
+    writers = cache.get(key)
+    if writers is None:
+        writers = cache[key] = (_ChunkWriter(out, "image"), _ChunkWriter(out, "valid"))
+        for k in [k for k in cache if k.startswith("zarr:") and k != key]:
+            del cache[k]
+    return writers
+
+
+def _valid_from_values(data: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)):
+        return None
+    return (data != nodata).any(axis=0)
+
+
+def _read_aligned(
+    src: _Source, job: _Job, r0: int, c0: int, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]] | None:
+    """Exact copy of the part of an aligned source inside block (r0, c0, h, w)."""
+    assert src.offset is not None
+    orow, ocol = src.offset
+    rr0, rr1 = max(r0, orow), min(r0 + h, orow + src.height)
+    cc0, cc1 = max(c0, ocol), min(c0 + w, ocol + src.width)
+    if rr0 >= rr1 or cc0 >= cc1:
+        return None
+    ds = _dataset(src.path)
+    window = Window(cc0 - ocol, rr0 - orow, cc1 - cc0, rr1 - rr0)
+    data = ds.read(window=window)
+    valid = _valid_from_values(data, src.nodata)
+    if valid is None:
+        if src.has_mask:
+            valid = ds.dataset_mask(window=window) > 0
+        else:
+            valid = np.ones(data.shape[1:], dtype=bool)
+    return data, valid, (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
+
+
+def _read_warped(
+    src: _Source, job: _Job, r0: int, c0: int, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]] | None:
+    """Warp the part of a source around block (r0, c0, h, w) onto the block, with its mask."""
+    grid = job.grid
+    dst_transform = grid.transform * Affine.translation(c0, r0)
+    ds = _dataset(src.path)
+    # the block outline, densified, in source pixel coordinates
+    t = np.linspace(0.0, 1.0, 9)
+    px = np.concatenate([t * w, np.full(9, float(w)), t * w, np.zeros(9)])
+    py = np.concatenate([np.zeros(9), t * h, np.full(9, float(h)), t * h])
+    mx = dst_transform.c + px * dst_transform.a
+    my = dst_transform.f + py * dst_transform.e
+    sx, sy = _transformer(grid.crs, src.crs_wkt).transform(mx, my)
+    inv = ~ds.transform
+    xs = inv.a * sx + inv.b * sy + inv.c
+    ys = inv.d * sx + inv.e * sy + inv.f
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        return None
+    pad = _KERNEL_PAD[job.resampling]
+    if job.resampling == "average":
+        # average spans the whole destination pixel: pad by the scale ratio
+        pad += math.ceil(grid.resolution / min(abs(ds.transform.a), abs(ds.transform.e)))
+    col0 = max(math.floor(xs.min()) - pad, 0)
+    col1 = min(math.ceil(xs.max()) + pad, src.width)
+    row0 = max(math.floor(ys.min()) - pad, 0)
+    row1 = min(math.ceil(ys.max()) + pad, src.height)
+    if col0 >= col1 or row0 >= row1:
+        return None
+    window = Window(col0, row0, col1 - col0, row1 - row0)
+    data = ds.read(window=window)
+    valid = _valid_from_values(data, src.nodata)
+    if valid is None:
+        if src.has_mask:
+            valid = ds.dataset_mask(window=window) > 0
+        else:
+            valid = np.ones(data.shape[1:], dtype=bool)
+    if not valid.any():
+        return None
+    n = data.shape[0]
+    stack = np.empty((n + 1, *data.shape[1:]), dtype=data.dtype)
+    stack[:n] = data
+    stack[n] = np.where(valid, 255, 0)
+    dest = np.zeros((n + 1, h, w), dtype=data.dtype)
+    reproject(
+        source=stack,
+        destination=dest,
+        src_transform=ds.window_transform(window),
+        src_crs=ds.crs,
+        dst_transform=dst_transform,
+        dst_crs=grid.crs_obj,
+        src_alpha=n + 1,
+        dst_alpha=n + 1,
+        resampling=Resampling[job.resampling],
+        num_threads=1,
+        init_dest_nodata=False,
+        SRC_ALPHA_MAX=255,
+        DST_ALPHA_MAX=255,
+    )
+    return dest[:n], dest[n] > 0, (slice(0, h), slice(0, w))
+
+
+def _compose_block(
+    job: _Job, block_id: int, srcs: list[_Source]
+) -> tuple[int, int, np.ndarray, np.ndarray] | tuple[int, int, None, None]:
+    n_bcols = math.ceil(job.grid.width / job.tile_size)
+    brow, bcol = divmod(block_id, n_bcols)
+    r0, c0 = brow * job.tile_size, bcol * job.tile_size
+    h = min(job.tile_size, job.grid.height - r0)
+    w = min(job.tile_size, job.grid.width - c0)
+    image: np.ndarray | None = None
+    filled: np.ndarray | None = None
+    for src in srcs:
+        reader = _read_aligned if src.offset is not None else _read_warped
+        got = reader(src, job, r0, c0, h, w)
+        if got is None:
+            continue
+        data, valid, (ys, xs) = got
+        if not valid.any():
+            continue
+        if image is None or filled is None:
+            image = np.zeros((job.n_bands, h, w), dtype=job.dtype)
+            filled = np.zeros((h, w), dtype=bool)
+        if filled[ys, xs].any():
+            take = valid & ~filled[ys, xs]
+            image[:, ys, xs] = np.where(take, data, image[:, ys, xs])
+            filled[ys, xs] |= take
+        else:
+            image[:, ys, xs] = data * valid if not valid.all() else data
+            filled[ys, xs] = valid
+        if filled.all():
+            break
+    if image is None or filled is None or not filled.any():
+        return brow, bcol, None, None
+    return brow, bcol, image, filled
+
+
+def _process_task(job: _Job, block_ids: list[int], src_lists: list[list[int]], srcs: list[_Source]) -> tuple[int, int]:
+    """Compose, write and record each block of a task; returns (written, empty) counts."""
+    image_writer, valid_writer = _zarr_writers(job.out)
+    log_name = f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.log"
+    fd = os.open(os.path.join(job.records, log_name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    written = empty = 0
+    try:
+        with rasterio.Env(**_GDAL_ENV):
+            for block_id, local in zip(block_ids, src_lists, strict=True):
+                brow, bcol, image, valid = _compose_block(job, block_id, [srcs[i] for i in local])
+                if image is None or valid is None:
+                    status = "e"
+                    empty += 1
+                else:
+                    image_writer.write((0, brow, bcol), image)
+                    valid_writer.write((brow, bcol), valid.view(np.uint8))
+                    status = "w"
+                    written += 1
+                # the record follows the chunk writes: a kill in between only redoes this block
+                os.write(fd, f"{brow} {bcol} {status}\n".encode())
+    finally:
+        os.close(fd)
+    return written, empty
+
+
+def _run_wave(
+    job: _Job, wave: list[Any], workers: int | None, client: distributed.Client | None
+) -> list[tuple[int, int]]:
+    if client is not None:
+        futures = client.map(
+            _process_task,
+            [job] * len(wave),
+            [t[0] for t in wave],
+            [t[1] for t in wave],
+            [t[2] for t in wave],
+            pure=False,
+        )
+        return list(client.gather(futures))
+    import dask
+
+    delayed = [dask.delayed(_process_task, pure=False)(job, *t) for t in wave]
+    return list(dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1))

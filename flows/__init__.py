@@ -1,0 +1,1 @@
+"""Prefect flows that sequence the botaclip tasks, and the `botaclip` command line."""

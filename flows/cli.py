@@ -1,0 +1,154 @@
+"""The `botaclip` command line: demo, run, export, validate, serve."""
+
+from __future__ import annotations
+
+import os
+
+# before Prefect is imported: no analytics, and our library's logs in the Prefect UI
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "botaclip_core")
+# the temporary API server started when no PREFECT_API_URL is set needs more than 20 s on a busy laptop
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from botaclip_core.errors import BotaclipError  # noqa: E402
+
+app = typer.Typer(help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.", no_args_is_help=True)
+console = Console()
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    stages = Table(title=f"region {report['region']}: stages")
+    for col in ("stage", "status", "seconds", "output"):
+        stages.add_column(col)
+    for name, s in report["stages"].items():
+        stages.add_row(name, s["status"], f"{s['seconds']:.1f}", s["output"])
+    console.print(stages)
+    if report.get("downstream"):
+        table = Table(title="downstream (spatially blocked cross-validation)")
+        for col in ("task", "features", "model", "metric", "value", "n_targets"):
+            table.add_column(col)
+        for r in report["downstream"]:
+            table.add_row(r["task"], r["features"], r["model"], r["metric"], f"{r['value']:.3f}", str(r["n_targets"]))
+        console.print(table)
+    if report.get("embeddings"):
+        for name, path in report["embeddings"].items():
+            console.print(f"[bold]{name}[/bold] embeddings: {path}")
+    if report.get("report_path"):
+        console.print(f"report: {report['report_path']}  ({report.get('seconds', 0):.1f} s)")
+
+
+def _run(catalog: Path, region: str, stages: list[str] | None, report: Path | None, use_prefect: bool) -> dict[str, Any]:
+    if use_prefect:
+        from flows.pipeline import PipelineParams, pipeline_flow
+
+        params = PipelineParams(catalog=str(catalog), region=region, stages=stages, report=str(report) if report else None)
+        return pipeline_flow(params)
+    from botaclip_core.catalog import load_catalog
+    from botaclip_core.pipeline import run_region
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cat = load_catalog(catalog)
+    result = run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
+    result["report_path"] = str((report or cat.workdir_path / "reports" / f"{region}.json").resolve())
+    return result
+
+
+def _fail(exc: BotaclipError) -> None:
+    console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _parse_stages(stages: str | None) -> list[str] | None:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo data, catalog and outputs go.")] = Path("botaclip-demo"),
+    report: Annotated[Path | None, typer.Option(help="Report path (default <workdir>/work/reports/demo.json).")] = None,
+    size: Annotated[str, typer.Option(help="Demo size: default, or tiny (seconds, tiny model).")] = "default",
+    prefect: Annotated[bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")] = True,
+) -> None:
+    """Write the built-in demo region into WORKDIR and run the whole pipeline on it."""
+    from botaclip_core.demo import write_demo_region
+
+    try:
+        catalog = write_demo_region(workdir, size=size)
+        console.print(f"demo catalog: {catalog}")
+        _print_report(_run(catalog, "demo", None, report, prefect))
+    except BotaclipError as exc:
+        _fail(exc)
+
+
+@app.command()
+def run(
+    catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
+    region: Annotated[str, typer.Option(help="Region name in the catalog.")],
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages: tile,rasterize,finetune,embed,downstream.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Report path (default <workdir>/reports/<region>.json).")] = None,
+    prefect: Annotated[bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")] = True,
+) -> None:
+    """Run the pipeline (or the named stages and what they need) on a region of CATALOG."""
+    try:
+        _print_report(_run(catalog, region, _parse_stages(stages), report, prefect))
+    except BotaclipError as exc:
+        _fail(exc)
+
+
+@app.command()
+def validate(catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")]) -> None:
+    """Check a catalog: keys, values, dataset references and orthophoto globs."""
+    from botaclip_core.catalog import load_catalog
+
+    try:
+        cat = load_catalog(catalog)
+        for name in cat.regions:
+            files = cat.orthophoto_files(name)
+            console.print(f"region {name}: {len(files)} orthophoto files")
+        console.print("[green]catalog is valid[/green]")
+    except BotaclipError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    zarr_path: Annotated[Path, typer.Argument(help="A botaclip Zarr (image.zarr, dofa.zarr, botaclip.zarr...).")],
+    out: Annotated[Path, typer.Argument(help="Output Cloud-Optimized GeoTIFF.")],
+    variable: Annotated[str, typer.Option(help="Variable: image, valid, embedding...")] = "image",
+    bands: Annotated[str | None, typer.Option(help="Comma-separated band/feature indices (0-based).")] = None,
+) -> None:
+    """Export a georeferenced layer of a Zarr store as a Cloud-Optimized GeoTIFF (for QGIS)."""
+    from botaclip_core.export import export_cog
+
+    try:
+        picked = [int(b) for b in bands.split(",")] if bands else None
+        path = export_cog(zarr_path, variable, out, bands=picked)
+        console.print(f"wrote {path}")
+    except BotaclipError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
+    region: Annotated[str, typer.Option(help="Region name in the catalog.")],
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 1 * *' (monthly).")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default botaclip-<region>).")] = None,
+) -> None:
+    """Serve a deployment of the pipeline for REGION (scheduled runs, runs from the Prefect UI)."""
+    from flows.pipeline import pipeline_flow
+
+    params = {"params": {"catalog": str(catalog.resolve()), "region": region}}
+    pipeline_flow.serve(name=name or f"botaclip-{region}", parameters=params, cron=cron)
+
+
+if __name__ == "__main__":
+    app()

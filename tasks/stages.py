@@ -1,0 +1,40 @@
+"""One Prefect task per pipeline stage; the store key doubles as Prefect's cache key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from botaclip_core.catalog import load_catalog
+from botaclip_core.pipeline import Pipeline, RegionPlan
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """``botaclip-<stage>-<store key>``: the same identity the artifact store uses."""
+    stage = parameters["stage"]
+    return f"botaclip-{stage}-{parameters['plan']['stages'][stage]['key']}"
+
+
+@task(name="plan", retries=0, tags=["botaclip"])
+def plan_region(catalog_path: str, region: str, stages: list[str] | None) -> dict[str, Any]:
+    """Keys of the stages to run (cheap: file fingerprints and settings)."""
+    catalog = load_catalog(catalog_path)
+    return Pipeline(catalog, region, catalog_path=catalog_path).plan(stages).to_dict()
+
+
+@task(
+    name="stage",
+    task_run_name="{stage}",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_key_fn=stage_cache_key,
+    persist_result=True,
+    tags=["botaclip"],
+)
+def run_stage(stage: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage from its plan; returns the stage record (paths, key, status, seconds)."""
+    catalog = load_catalog(plan["catalog_path"])
+    pipeline = Pipeline(catalog, plan["region"], catalog_path=plan["catalog_path"])
+    return pipeline.run_stage(RegionPlan.from_dict(plan), stage).record()
