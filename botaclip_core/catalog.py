@@ -98,9 +98,19 @@ class TileSettings(StrictModel):
 
 
 class FinetuneSettings(StrictModel):
-    """Contrastive fine-tuning (defaults follow the seed description)."""
+    """Contrastive fine-tuning (defaults follow the seed description).
 
-    mode: Literal["adapter", "partial", "full"] = "adapter"
+    ``mode`` picks what trains: ``adapter`` (identity-initialised adapter on cached frozen DOFA
+    features), ``partial`` (the last ``trainable_blocks`` DOFA blocks, or LoRA on ``attn.qkv``
+    of every block when ``lora_rank`` is set) or ``full`` (all of DOFA); the last two train on
+    pixels.
+    """
+
+    mode: Literal["adapter", "partial", "full"] = Field(
+        "adapter",
+        description="adapter: frozen DOFA + adapter on cached features; partial: last "
+        "trainable_blocks blocks (or LoRA) on pixels; full: all of DOFA on pixels.",
+    )
     loss: Literal["infonce", "sigmoid"] = "infonce"
     regularizer: Literal["l2sp", "similarity", "none"] = "l2sp"
     reg_weight: float = Field(0.01, ge=0)
@@ -113,6 +123,35 @@ class FinetuneSettings(StrictModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment_views: int = Field(4, ge=1, description="Augmented chip views cached per plot.")
     seed: int = 0
+    trainable_blocks: int = Field(
+        2, ge=0, description="mode partial: final DOFA blocks trained (plus fc_norm)."
+    )
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="mode partial: train LoRA of this rank on attn.qkv of every block instead "
+        "of unfreezing blocks; null = no LoRA.",
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (alpha / rank).")
+    max_shift: int = Field(
+        16, ge=0, description="Largest random chip-centre shift (pixels) of the augmentations."
+    )
+    botasp: bool = Field(
+        True, description="Also train the supervised BotaSP baseline adapter on cached features."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device; auto = CUDA when available, else CPU."
+    )
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> FinetuneSettings:
+        # only value-based checks: a dumped catalog spells out every default and must reload
+        if self.lora_rank is not None and self.mode != "partial":
+            raise ValueError(
+                f"lora_rank={self.lora_rank} needs mode 'partial' (got mode {self.mode!r}); "
+                "set mode: partial to train LoRA, or set lora_rank: null"
+            )
+        return self
 
 
 class EmbedSettings(StrictModel):

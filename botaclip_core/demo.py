@@ -1,4 +1,4 @@
-"""A built-in synthetic Alpine region (orthophotos, relevés, downstream data) for ``botaclip demo``."""
+"""A synthetic Alpine demo region (orthophotos, relevés, downstream data) for ``botaclip demo``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 import rasterio
 import yaml
 from affine import Affine
@@ -25,7 +26,7 @@ from scipy import ndimage
 from shapely import points
 
 from botaclip_core.catalog import parse_catalog
-from botaclip_core.errors import CatalogError
+from botaclip_core.errors import CatalogError, StageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class DemoSize:
         n_plant_sites: plant presence/absence survey sites.
         n_butterfly_records: butterfly presence-only records.
         n_soil_sites: soil samples, each with the abundance of five trophic groups.
+
     """
 
     tiles: int
@@ -67,6 +69,7 @@ ORIGIN = (915040.0, 6458032.0)
 BANDS = ("red", "green", "blue", "nir")
 WAVELENGTHS_UM = (0.665, 0.56, 0.49, 0.842)
 ACQUISITION = "2021:07:15 10:30:00"  # TIFFTAG_DATETIME of every sheet
+_GPKG_DATE = "2021-07-15T10:30:00Z"  # gpkg_contents.last_change
 
 HABITATS = ("coniferous forest", "deciduous forest", "grassland", "scree", "wetland")
 CONIF, DECID, GRASS, SCREE, WET = range(5)
@@ -76,6 +79,7 @@ _COARSE = 8  # px per cell of the smooth environmental fields (4 m)
 _OVERLAP_PX = 20  # overlap of neighbouring sheets
 _COLLAR_PX = (10, 30)  # nodata collar width on the outer sheet edges (inclusive range)
 _PLOT_RADIUS_PX = 20  # a relevé's habitat is read in ±10 m
+_STAND_PURITY = 0.75  # share of one habitat around a relevé plot
 _MIN_SITE_DISTANCE_M = 55.0  # plant surveys vs relevés; the contract promises ≥ 50 m
 
 # Ground colour (R, G, B, NIR digital numbers) of each land-cover class; index 5 is open water.
@@ -238,9 +242,9 @@ patches tens to hundreds of metres wide: deciduous forest (beech, low), conifero
 - `releves.gpkg` (layer `releves`): {n_releves} plots, one row per plot × species:
   `plot_id`, `species`, `cover` (Braun-Blanquet class midpoint, %), `habitat`, point geometry.
   Species are drawn from the habitats within 10 m of the plot and its elevation.
-- `plant_surveys.parquet` (GeoParquet): {n_plant_sites} sites × the 20 most informative
-  species, `site_id`, `species`, `present` (0/1). Relevés and surveys lie in alternating
-  north–south bands; no survey site is within 50 m of a relevé.
+- `plant_surveys.parquet` (GeoParquet): {n_plant_sites} sites × the 20 species of most
+  balanced prevalence, `site_id`, `species`, `present` (0/1). Relevés and surveys lie in
+  alternate east–west strips; no survey site is within 50 m of a relevé.
 - `butterflies.csv`: {n_butterfly_records} presence-only records of 15 species, `record_id`,
   `species`, `lon`, `lat` (WGS84), drawn in proportion to each species' habitat suitability.
 - `soil_fauna.csv`: {n_soil_sites} soil samples × 5 trophic groups (bacterivores, fungivores,
@@ -310,6 +314,7 @@ def write_demo_region(
 
     Raises:
         CatalogError: if ``size`` or ``seed`` is not allowed, or the overridden catalog is invalid.
+
     """
     if size not in DEMO_SIZES:
         raise CatalogError(
@@ -376,8 +381,6 @@ def _generate(data_dir: Path, *, size: str, preset: DemoSize, seed: int) -> list
     """Generate every file of the demo region; return their paths relative to ``data_dir``."""
     (data_dir / "_SUCCESS.json").unlink(missing_ok=True)
     n = preset.tiles * TILE_PX
-    left, top = ORIGIN
-    transform = Affine(RESOLUTION, 0.0, left, 0.0, -RESOLUTION, top)
     logger.info("generating the %s demo region (%d × %d px, seed %d)", size, n, n, seed)
 
     land = _landscape(n, seed)
@@ -395,16 +398,16 @@ def _generate(data_dir: Path, *, size: str, preset: DemoSize, seed: int) -> list
             c0, c1 = _sheet_span(j, edges)
             name = f"ortho_r{i}_c{j}.tif"
             sheet_names.add(name)
-            _write_sheet(ortho_dir / name, mosaic[:, r0:r1, c0:c1], transform, r0, c0)
+            _write_sheet(ortho_dir / name, mosaic[:, r0:r1, c0:c1], _transform(r0, c0))
             files.append(f"ortho/{name}")
     for stale in ortho_dir.glob("*.tif"):  # sheets of an earlier, larger preset
         if stale.name not in sheet_names:
             stale.unlink()
 
-    _write_truth(data_dir / "truth", land, transform)
+    _write_truth(data_dir / "truth", land)
     files += ["truth/habitat.tif", "truth/environment.tif"]
 
-    sampler = _Sampler(land, valid, transform)
+    sampler = _Sampler(land, valid)
     releves, plots_xy = _releves(sampler, preset.n_releves, seed)
     _write_gpkg(data_dir / "releves.gpkg", releves)
     plants = _plant_surveys(sampler, plots_xy, preset.n_plant_sites, seed)
@@ -439,7 +442,14 @@ def _generate(data_dir: Path, *, size: str, preset: DemoSize, seed: int) -> list
     return files
 
 
-def _write_sheet(path: Path, data: np.ndarray, transform: Affine, row0: int, col0: int) -> None:
+def _transform(row0: int = 0, col0: int = 0, *, pixel: int = 1) -> Affine:
+    """Geotransform with the corner at region pixel (row0, col0) and cells of ``pixel`` px."""
+    left, top = ORIGIN
+    res = RESOLUTION * pixel
+    return Affine(res, 0.0, left + col0 * RESOLUTION, 0.0, -res, top - row0 * RESOLUTION)
+
+
+def _write_sheet(path: Path, data: np.ndarray, transform: Affine) -> None:
     """One orthophoto sheet: 4-band uint8, DEFLATE, 256-px internal tiles, nodata 0."""
     profile = {
         "driver": "GTiff",
@@ -448,7 +458,7 @@ def _write_sheet(path: Path, data: np.ndarray, transform: Affine, row0: int, col
         "count": data.shape[0],
         "dtype": "uint8",
         "crs": CRS.from_string(CRS_CODE),
-        "transform": transform * Affine.translation(col0, row0),
+        "transform": transform,
         "nodata": 0,
         "compress": "deflate",
         "predictor": 2,
@@ -465,14 +475,14 @@ def _write_sheet(path: Path, data: np.ndarray, transform: Affine, row0: int, col
                 dst.set_band_description(b, name)
 
 
-def _write_truth(folder: Path, land: _Landscape, transform: Affine) -> None:
-    """The habitat map (0.5 m) and the environmental fields (4 m) used to draw every dataset."""
+def _write_truth(folder: Path, land: _Landscape) -> None:
+    """Write the habitat map (0.5 m) and the environmental fields (4 m) behind every dataset."""
     common = {"driver": "GTiff", "crs": CRS.from_string(CRS_CODE), "compress": "deflate"}
     n = land.habitat.shape[0]
     tiled = {"tiled": True, "blockxsize": 256, "blockysize": 256}
     with _atomic(folder / "habitat.tif") as tmp:
         with rasterio.open(
-            tmp, "w", width=n, height=n, count=1, dtype="uint8", transform=transform,
+            tmp, "w", width=n, height=n, count=1, dtype="uint8", transform=_transform(),
             **common, **tiled,
         ) as dst:  # fmt: skip
             dst.write(land.habitat, 1)
@@ -482,7 +492,7 @@ def _write_truth(folder: Path, land: _Landscape, transform: Affine) -> None:
     with _atomic(folder / "environment.tif") as tmp:
         with rasterio.open(
             tmp, "w", width=nc, height=nc, count=2, dtype="float32",
-            transform=transform * Affine.scale(_COARSE), **common,
+            transform=_transform(pixel=_COARSE), **common,
         ) as dst:  # fmt: skip
             dst.write(np.stack([land.elevation_m, land.moisture]).astype(np.float32))
             dst.set_band_description(1, "elevation_m")
@@ -490,8 +500,14 @@ def _write_truth(folder: Path, land: _Landscape, transform: Affine) -> None:
 
 
 def _write_gpkg(path: Path, frame: gpd.GeoDataFrame) -> None:
-    with _atomic(path) as tmp:
-        frame.to_file(tmp, layer="releves", driver="GPKG", engine="pyogrio")
+    """GeoPackage with a fixed timestamp, so that the file is byte-identical on every run."""
+    previous = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE")
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": _GPKG_DATE})
+    try:
+        with _atomic(path) as tmp:
+            frame.to_file(tmp, layer="releves", driver="GPKG", engine="pyogrio")
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": previous})
 
 
 # --------------------------------------------------------------------------------------
@@ -517,7 +533,9 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Gaussian-filtered white noise with unit standard deviation."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="reflect")
+    field = ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), sigma, mode="reflect"
+    )
     return (field / max(float(field.std()), 1e-6)).astype(np.float32)
 
 
@@ -550,7 +568,7 @@ def _landscape(n: int, seed: int) -> _Landscape:
     moist = (moist - moist.min()) / (moist.max() - moist.min())
 
     rng = _rng(seed, "habitat")
-    centres = [(CONIF, 0.45, 0.2), (DECID, 0.12, 0.22), (GRASS, 0.74, 0.2), (SCREE, 1.0, 0.17)]
+    centres = [(CONIF, 0.46, 0.2), (DECID, 0.14, 0.24), (GRASS, 0.74, 0.19), (SCREE, 0.97, 0.18)]
     scores = np.empty((5, nc, nc), dtype=np.float32)
     for h, mu, width in centres:
         scores[h] = -(((elev - mu) / width) ** 2)
@@ -592,7 +610,7 @@ def _shift(a: np.ndarray, dr: int, dc: int) -> np.ndarray:
 
 
 def _render(land: _Landscape, seed: int) -> np.ndarray:
-    """The 4-band orthophoto mosaic (uint8, 1–255) of the landscape."""
+    """Render the 4-band orthophoto mosaic (uint8, 1–255) of the landscape."""
     n = land.habitat.shape[0]
     rng = _rng(seed, "trees")
     # trees on a jittered grid (at most one per cell) so that crowns stay mostly apart
@@ -628,7 +646,10 @@ def _render(land: _Landscape, seed: int) -> np.ndarray:
     rise = sun_up / math.hypot(sun_col, sun_row)
     shadow = np.zeros((n, n), dtype=np.float32)
     for t in (2, 4, 6):
-        dr, dc = round(t * sun_row / math.hypot(sun_col, sun_row)), round(t * sun_col / math.hypot(sun_col, sun_row))
+        dr, dc = (
+            round(t * sun_row / math.hypot(sun_col, sun_row)),
+            round(t * sun_col / math.hypot(sun_col, sun_row)),
+        )
         blocked = _shift(height, dr, dc) - height - rise * math.hypot(dr, dc)
         shadow = np.maximum(shadow, np.clip(blocked / 2.0, 0, 1))
     light = 1 - 0.6 * shadow
@@ -649,8 +670,12 @@ def _render(land: _Landscape, seed: int) -> np.ndarray:
     # gentle terrain shading from the elevation field (slopes facing south-east are brighter)
     elev = land.elevation_m
     gy, gx = np.gradient(elev, _COARSE * RESOLUTION)
-    hill = _upsample(np.clip(1 + 0.25 * (gx * 0.5 - gy * 0.7), 0.85, 1.15).astype(np.float32), _COARSE)
-    turf = np.where(land.ground == GRASS, np.clip((land.elev01 - 0.6) / 0.35, 0, 1), 0).astype(np.float32)
+    hill = _upsample(
+        np.clip(1 + 0.25 * (gx * 0.5 - gy * 0.7), 0.85, 1.15).astype(np.float32), _COARSE
+    )
+    turf = np.where(land.ground == GRASS, np.clip((land.elev01 - 0.6) / 0.35, 0, 1), 0).astype(
+        np.float32
+    )
 
     shading = light * hill
     ground_weight = texture * (1 - cover) * shading
@@ -659,7 +684,9 @@ def _render(land: _Landscape, seed: int) -> np.ndarray:
     mosaic = np.empty((4, n, n), dtype=np.uint8)
     for b in range(4):
         value = (_GROUND_DN[g, b] + _ALPINE_TURF_SHIFT[b] * turf) * ground_weight
-        crown = alphas[0] * _CROWN_DN[0, b] + alphas[1] * _CROWN_DN[1, b] + alphas[2] * _CROWN_DN[2, b]
+        crown = (
+            alphas[0] * _CROWN_DN[0, b] + alphas[1] * _CROWN_DN[1, b] + alphas[2] * _CROWN_DN[2, b]
+        )
         value += crown * crown_weight
         value += 5.0 * (rng.random((n, n), dtype=np.float32) - 0.5)  # sensor noise, sd 1.4
         mosaic[b] = np.clip(np.rint(value), 1, 255).astype(np.uint8)
@@ -703,17 +730,28 @@ def _collar(n: int, sheets: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class _Sampler:
     """Draws site locations on the 1 m habitat grid and reads the landscape around them."""
 
-    def __init__(self, land: _Landscape, valid: np.ndarray, transform: Affine) -> None:
+    def __init__(self, land: _Landscape, valid: np.ndarray) -> None:
         self.land = land
-        self.transform = transform
         self.n = land.habitat.shape[0]
         valid_1m = valid[::2, ::2] & valid[1::2, ::2] & valid[::2, 1::2] & valid[1::2, 1::2]
         self.valid_1m = valid_1m
-        # relevés need their whole ±10 m neighbourhood on valid pixels
+        window = 2 * (_PLOT_RADIUS_PX // 2) + 1  # ±10 m in 1 m cells
+        # relevés need their whole neighbourhood on valid pixels ...
         self.interior_1m = ndimage.minimum_filter(
-            valid_1m, size=2 * (_PLOT_RADIUS_PX // 2) + 1, mode="constant", cval=False
+            valid_1m, size=window, mode="constant", cval=False
         )
-        # alternating north–south bands keep the surveys away from the relevé plots
+        # ... and, as phytosociologists do, a homogeneous stand of one habitat
+        shares = np.stack(
+            [
+                ndimage.uniform_filter(
+                    (land.habitat_1m == h).astype(np.float32), window, mode="nearest"
+                )
+                for h in range(5)
+            ]
+        )
+        self.stand_1m = np.argmax(shares, axis=0).astype(np.uint8)
+        self.homogeneous_1m = shares.max(axis=0) >= _STAND_PURITY
+        # alternate east–west strips keep the surveys away from the relevé plots
         bands = max(2, round(self.n / TILE_PX / 3))
         band_of_row = np.minimum(np.arange(self.n // 2) * bands // (self.n // 2), bands - 1)
         self.releve_band_1m = np.broadcast_to((band_of_row % 2 == 0)[:, None], valid_1m.shape)
@@ -731,21 +769,21 @@ class _Sampler:
     ) -> np.ndarray:
         """``count`` (x, y) points in allowed 1 m cells, spaced and away from ``avoid_xy``.
 
-        With ``stratify``, each point's habitat is drawn ∝ √(its area) before its cell, so that
-        rare habitats are sampled more than their area alone would give.
+        With ``stratify``, each point's habitat (the dominant one within 10 m) is drawn
+        ∝ √(its area) before its cell, so that rare habitats get more sites than their area gives.
         """
         if avoid_xy is not None and len(avoid_xy):
             occupied = np.zeros(allowed.shape, dtype=bool)
-            col, row = ~self.transform * (avoid_xy[:, 0], avoid_xy[:, 1])
-            occupied[(np.asarray(row) // 2).astype(int), (np.asarray(col) // 2).astype(int)] = True
+            rows, cols = self.pixel(avoid_xy)
+            occupied[rows // 2, cols // 2] = True
             # cell centres to the nearest occupied cell centre, in metres (1 m cells); two points
             # are each within 0.71 m of their cell centres, hence the 1.5 m margin
             distance = ndimage.distance_transform_edt(~occupied)
             allowed = allowed & (distance >= avoid_m + 1.5)
         cells = np.flatnonzero(allowed)
         if len(cells) == 0:
-            raise RuntimeError("demo generator: no room left to place sites")  # pragma: no cover
-        hab = self.land.habitat_1m.ravel()[cells]
+            raise StageError("demo generator: no room left to place sites")  # pragma: no cover
+        hab = self.stand_1m.ravel()[cells]
         groups = [cells[hab == h] for h in range(5)]
         weights = np.array([math.sqrt(len(c)) if stratify else len(c) for c in groups], dtype=float)
         weights /= weights.sum()
@@ -767,28 +805,38 @@ class _Sampler:
             out.append((round(float(x[0]), 2), round(float(y[0]), 2)))
         return np.asarray(out)
 
-    def _cell_xy(self, cells: np.ndarray, jitter: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _cell_xy(
+        self, cells: np.ndarray, jitter: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.divmod(cells, self.n // 2)
         ju, jv = (0.5, 0.5) if jitter is None else (jitter[0], jitter[1])
-        x = self.transform.c + (cols + ju) * 2 * RESOLUTION
-        y = self.transform.f - (rows + jv) * 2 * RESOLUTION
+        x = ORIGIN[0] + (cols + ju) * 2 * RESOLUTION
+        y = ORIGIN[1] - (rows + jv) * 2 * RESOLUTION
         return x, y
 
-    def neighbourhood(self, xy: np.ndarray, radius_px: int) -> tuple[np.ndarray, np.ndarray]:
-        """Habitat fractions (k, 5) within ``radius_px`` of each point, and elevation (m)."""
+    def pixel(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column (0.5 m pixels) of (x, y) points inside the region."""
+        cols = np.floor((xy[:, 0] - ORIGIN[0]) / RESOLUTION).astype(np.int64)
+        rows = np.floor((ORIGIN[1] - xy[:, 1]) / RESOLUTION).astype(np.int64)
+        return np.clip(rows, 0, self.n - 1), np.clip(cols, 0, self.n - 1)
+
+    def neighbourhood(
+        self, xy: np.ndarray, radius_px: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Habitat fractions (k, 5) within ``radius_px`` of each point; elevation (m), moisture."""
         fractions = np.zeros((len(xy), 5))
-        elev = np.zeros(len(xy))
-        inv = ~self.transform
-        nc = self.land.elevation_m.shape[0]
-        for k, (x, y) in enumerate(xy):
-            col, row = inv * (x, y)
-            r, c = int(row), int(col)
-            win = self.land.habitat[
+        rows, cols = self.pixel(xy)
+        for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
+            window = self.land.habitat[
                 max(0, r - radius_px) : r + radius_px + 1, max(0, c - radius_px) : c + radius_px + 1
             ]
-            fractions[k] = np.bincount(win.ravel(), minlength=5)[:5] / win.size
-            elev[k] = self.land.elevation_m[min(r // _COARSE, nc - 1), min(c // _COARSE, nc - 1)]
-        return fractions, elev
+            fractions[k] = np.bincount(window.ravel(), minlength=5)[:5] / window.size
+        coarse = (rows // _COARSE, cols // _COARSE)
+        return (
+            fractions,
+            self.land.elevation_m[coarse].astype(float),
+            self.land.moisture[coarse].astype(float),
+        )
 
 
 def _plant_probabilities(fractions: np.ndarray, elev: np.ndarray) -> np.ndarray:
@@ -799,19 +847,19 @@ def _plant_probabilities(fractions: np.ndarray, elev: np.ndarray) -> np.ndarray:
     pmax = np.array([p[4] for p in _PLANTS])
     habitat_term = fractions @ affinity.T
     elev_term = np.exp(-0.5 * ((elev[:, None] - opt[None, :]) / tol[None, :]) ** 2)
-    return np.clip(pmax * habitat_term * elev_term, 0.0, 0.97)
+    return np.clip(1.5 * pmax * habitat_term * elev_term**0.6, 0.0, 0.97)
 
 
 def _releves(sampler: _Sampler, count: int, seed: int) -> tuple[gpd.GeoDataFrame, np.ndarray]:
     """Relevé plots (stratified by habitat) with species and Braun-Blanquet cover."""
     rng = _rng(seed, "releves")
-    allowed = sampler.interior_1m & sampler.releve_band_1m
+    allowed = sampler.interior_1m & sampler.releve_band_1m & sampler.homogeneous_1m
     xy = sampler.draw(rng, count, allowed, min_spacing_m=10.0, stratify=True)
-    fractions, elev = sampler.neighbourhood(xy, _PLOT_RADIUS_PX)
+    fractions, elev, _ = sampler.neighbourhood(xy, _PLOT_RADIUS_PX)
     prob = _plant_probabilities(fractions, elev)
     present = rng.random(prob.shape) < prob
-    for k in np.flatnonzero(present.sum(axis=1) < 3):  # a relevé lists at least three species
-        present[k, np.argsort(-prob[k], kind="stable")[:3]] = True
+    for poor in np.flatnonzero(present.sum(axis=1) < 3):  # a relevé lists three species or more
+        present[poor, np.argsort(-prob[poor], kind="stable")[:3]] = True
     dominance = np.array([p[5] for p in _PLANTS], dtype=float)
     score = np.log(dominance)[None, :] + 1.2 * np.log(prob + 0.05) + rng.normal(0, 0.8, prob.shape)
     cover = _BRAUN_BLANQUET[np.digitize(score + 1.0, _BB_THRESHOLDS)]
@@ -827,7 +875,9 @@ def _releves(sampler: _Sampler, count: int, seed: int) -> tuple[gpd.GeoDataFrame
     return gdf, xy
 
 
-def _plant_surveys(sampler: _Sampler, plots_xy: np.ndarray, count: int, seed: int) -> gpd.GeoDataFrame:
+def _plant_surveys(
+    sampler: _Sampler, plots_xy: np.ndarray, count: int, seed: int
+) -> gpd.GeoDataFrame:
     """Presence/absence of the ~20 most balanced species at sites ≥ 50 m from every relevé."""
     rng = _rng(seed, "plants")
     allowed = sampler.valid_1m & ~sampler.releve_band_1m
@@ -840,9 +890,11 @@ def _plant_surveys(sampler: _Sampler, plots_xy: np.ndarray, count: int, seed: in
         avoid_xy=plots_xy,
         avoid_m=_MIN_SITE_DISTANCE_M,
     )
-    fractions, elev = sampler.neighbourhood(xy, _PLOT_RADIUS_PX)
+    fractions, elev, _ = sampler.neighbourhood(xy, _PLOT_RADIUS_PX)
     detection = 0.9  # surveyors miss some species
-    present = (rng.random((len(xy), len(_PLANTS))) < detection * _plant_probabilities(fractions, elev))
+    present = rng.random((len(xy), len(_PLANTS))) < detection * _plant_probabilities(
+        fractions, elev
+    )
     prevalence = present.mean(axis=0)
     balance = np.minimum(prevalence, 1 - prevalence)
     chosen = sorted(np.argsort(-balance, kind="stable")[:20], key=lambda s: _PLANTS[s][0])
@@ -881,15 +933,17 @@ def _butterflies(sampler: _Sampler, count: int, seed: int) -> pd.DataFrame:
 
     abundance = np.array([b[4] for b in _BUTTERFLIES])
     minimum = min(5, count // len(_BUTTERFLIES))
-    counts = minimum + rng.multinomial(count - minimum * len(_BUTTERFLIES), abundance / abundance.sum())
+    counts = minimum + rng.multinomial(
+        count - minimum * len(_BUTTERFLIES), abundance / abundance.sum()
+    )
     rows = []
     for s, (name, *_rest) in enumerate(_BUTTERFLIES):
         weight = suit[:, s] ** 2
         picks = rng.choice(cells, size=counts[s], p=weight / weight.sum())
         r, c = np.divmod(picks, m)
         jitter = rng.random((counts[s], 2))
-        x = sampler.transform.c + (c + jitter[:, 0]) * cell * RESOLUTION
-        y = sampler.transform.f - (r + jitter[:, 1]) * cell * RESOLUTION
+        x = ORIGIN[0] + (c + jitter[:, 0]) * cell * RESOLUTION
+        y = ORIGIN[1] - (r + jitter[:, 1]) * cell * RESOLUTION
         rows += [(name, xi, yi) for xi, yi in zip(x, y, strict=True)]
     frame = pd.DataFrame(rows, columns=["species", "x", "y"])
     frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)  # records in no order
@@ -909,13 +963,7 @@ def _soil(sampler: _Sampler, count: int, seed: int) -> pd.DataFrame:
     """Trophic-group counts that follow habitat, elevation and moisture (negative binomial)."""
     rng = _rng(seed, "soil")
     xy = sampler.draw(rng, count, sampler.valid_1m, min_spacing_m=10.0, stratify=False)
-    fractions, elev = sampler.neighbourhood(xy, 10)
-    inv = ~sampler.transform
-    nc = sampler.land.moisture.shape[0]
-    moist = np.empty(len(xy))
-    for k, (x, y) in enumerate(xy):
-        col, row = inv * (x, y)
-        moist[k] = sampler.land.moisture[min(int(row) // _COARSE, nc - 1), min(int(col) // _COARSE, nc - 1)]
+    fractions, elev, moist = sampler.neighbourhood(xy, 10)  # a soil core reflects ±5 m
     elev01 = (elev - ELEV_MIN_M) / ELEV_RANGE_M
     rows = []
     for k in range(len(xy)):
@@ -924,7 +972,15 @@ def _soil(sampler: _Sampler, count: int, seed: int) -> pd.DataFrame:
             if name == "bacterivores":
                 mu *= 0.7 + 0.6 * moist[k]
             p = _SOIL_DISPERSION / (_SOIL_DISPERSION + mu)
-            rows.append((f"S{k + 1:03d}", xy[k, 0], xy[k, 1], name, int(rng.negative_binomial(_SOIL_DISPERSION, p))))
+            rows.append(
+                (
+                    f"S{k + 1:03d}",
+                    xy[k, 0],
+                    xy[k, 1],
+                    name,
+                    int(rng.negative_binomial(_SOIL_DISPERSION, p)),
+                )
+            )
     return pd.DataFrame(rows, columns=["sample_id", "x", "y", "trophic_group", "abundance"])
 
 
@@ -934,7 +990,7 @@ def _soil(sampler: _Sampler, count: int, seed: int) -> pd.DataFrame:
 
 
 def _catalog_mapping(size: str, preset: DemoSize) -> dict[str, Any]:
-    """The catalog as a plain mapping (before overrides)."""
+    """Build the catalog as a plain mapping (before overrides)."""
     extent = preset.tiles * TILE_PX * RESOLUTION
     left, top = ORIGIN
     mapping: dict[str, Any] = {
@@ -1002,7 +1058,7 @@ def _catalog_mapping(size: str, preset: DemoSize) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` merged in: mappings merge key by key, other values replace."""
+    """Merge ``override`` into a copy of ``base``: mappings key by key, other values replace."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -1014,7 +1070,9 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 def _render_catalog(mapping: dict[str, Any], *, size: str, seed: int, preset: DemoSize) -> str:
     """YAML text of the catalog: block style for mappings, comments above the main keys."""
-    header = _CATALOG_HEADER.format(size=size, seed=seed, extent_m=preset.tiles * TILE_PX * RESOLUTION)
+    header = _CATALOG_HEADER.format(
+        size=size, seed=seed, extent_m=preset.tiles * TILE_PX * RESOLUTION
+    )
     lines = header.rstrip("\n").split("\n") + [""]
     _render_block(mapping, (), lines)
     return "\n".join(lines) + "\n"
@@ -1036,6 +1094,6 @@ def _render_block(mapping: dict[str, Any], path: tuple[str, ...], lines: list[st
 
 
 def _scalar(value: Any) -> str:
-    """A value in YAML flow style on one line."""
+    """Dump a value in YAML flow style on one line."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True)
     return text.removesuffix("\n").removesuffix("\n...").strip()

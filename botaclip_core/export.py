@@ -31,7 +31,9 @@ def _open_store(zarr_path: Path) -> xr.Dataset:
     elif (zarr_path / ".zgroup").exists():
         consolidated = (zarr_path / ".zmetadata").exists()
     else:
-        raise InputDataError(f"{zarr_path}: not a Zarr store (no zarr.json nor .zgroup); check the path.")
+        raise InputDataError(
+            f"{zarr_path}: not a Zarr store (no zarr.json nor .zgroup); check the path."
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         return xr.open_zarr(zarr_path, consolidated=consolidated)
@@ -49,7 +51,9 @@ def _nodata_for(variable: str, da: xr.DataArray) -> float | None:
     return None
 
 
-def export_cog(zarr_path: Path, variable: str, out: Path, *, bands: list[int] | None = None) -> Path:
+def export_cog(
+    zarr_path: Path, variable: str, out: Path, *, bands: list[int] | None = None
+) -> Path:
     """Write one variable of a botaclip Zarr as a COG on the Zarr's grid.
 
     The variable must be 2-D ``(y, x)`` or 3-D ``(band/feature, y, x)`` on the grid recorded in the
@@ -68,6 +72,7 @@ def export_cog(zarr_path: Path, variable: str, out: Path, *, bands: list[int] | 
 
     Raises:
         InputDataError: unknown variable, wrong dimensions, or band positions out of range.
+
     """
     zarr_path, out = Path(zarr_path), Path(out)
     ds = _open_store(zarr_path)
@@ -80,10 +85,13 @@ def export_cog(zarr_path: Path, variable: str, out: Path, *, bands: list[int] | 
     if da.ndim == 2:
         da = da.expand_dims("band")
         if bands is not None and list(bands) != [0]:
-            raise InputDataError(f"bands: {bands} given for the 2-D variable {variable!r}; omit it.")
+            raise InputDataError(
+                f"bands: {bands} given for the 2-D variable {variable!r}; omit it."
+            )
     elif da.ndim != 3:
         raise InputDataError(
-            f"{zarr_path}: variable {variable!r} has dims {da.dims}; expected (y, x) or (band, y, x)."
+            f"{zarr_path}: variable {variable!r} has dims {da.dims}; "
+            "expected (y, x) or (band, y, x)."
         )
     if tuple(da.dims[1:]) != ("y", "x") or da.shape[1:] != grid.shape:
         raise InputDataError(
@@ -151,17 +159,34 @@ def _to_cog(src: Path, out: Path, dtype: np.dtype) -> None:
     predictor = "3" if np.issubdtype(dtype, np.floating) else "2"
     if _has_driver("COG"):
         rasterio.shutil.copy(
-            src, out, driver="COG", COMPRESS="DEFLATE", PREDICTOR=predictor, BLOCKSIZE=512,
-            BIGTIFF="IF_SAFER", OVERVIEWS="AUTO", RESAMPLING="NEAREST",
+            src,
+            out,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            PREDICTOR=predictor,
+            BLOCKSIZE=512,
+            BIGTIFF="IF_SAFER",
+            OVERVIEWS="AUTO",
+            RESAMPLING="NEAREST",
         )
         return
     with rasterio.open(src, "r+") as ds:
-        factors = [2**k for k in range(1, max(1, int(math.log2(max(ds.width, ds.height) / 512)) + 1))]
+        factors = [
+            2**k for k in range(1, max(1, int(math.log2(max(ds.width, ds.height) / 512)) + 1))
+        ]
         if factors:
             ds.build_overviews(factors, rasterio.enums.Resampling.nearest)
     rasterio.shutil.copy(
-        src, out, driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="deflate",
-        predictor=predictor, copy_src_overviews=True, BIGTIFF="IF_SAFER",
+        src,
+        out,
+        driver="GTiff",
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        predictor=predictor,
+        copy_src_overviews=True,
+        BIGTIFF="IF_SAFER",
     )
 
 

@@ -350,28 +350,37 @@ class Pipeline:
         }
 
     def _build_chip_features(self, out_dir: Path, image_zarr: Path, table: Any, spec: Any) -> dict[str, Any]:
+        import zarr
+
         from botaclip_core.chips import ChipReader, draw_augmentations
         from botaclip_core.features import encode_tiles, load_backbone
 
         reader = ChipReader(image_zarr, self.catalog.tiling.tile_size)
         rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
-        import zarr
-
         valid = zarr.open_group(str(image_zarr), mode="r")["valid"]
-        keep = np.array([bool(valid[r, c]) for r, c in zip(rows, cols, strict=True)])
+        keep = np.asarray(valid.vindex[rows, cols]) > 0
         if keep.sum() < 8:
-            raise StageError(f"only {int(keep.sum())} relevé plots fall on valid orthophoto pixels; need ≥ 8")
+            raise StageError(
+                f"only {int(keep.sum())} of {len(rows)} relevé plots fall on valid orthophoto pixels; "
+                "BotaCLIP needs at least 8. Check the relevés' CRS and the orthophoto coverage."
+            )
         model = load_backbone(spec.size, spec.weights, spec.seed)
         views = self.catalog.finetune.augment_views
-        feats = np.zeros((int(keep.sum()), views, int(model.embed_dim)), dtype=np.float32)
+        plots = np.flatnonzero(keep)
+        feats = np.zeros((len(plots), views, int(model.embed_dim)), dtype=np.float32)
         mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-        for i, idx in enumerate(np.flatnonzero(keep)):
-            augs = draw_augmentations(views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx))
-            chips = np.stack([reader.read(int(rows[idx]), int(cols[idx]), a) for a in augs])
-            feats[i] = encode_tiles(model, chips, spec.wavelengths_um, mean, std, batch_size=spec.batch_size)
+        group = max(1, 256 // views)  # plots per forward group: bounded memory, full batches
+        for start in range(0, len(plots), group):
+            chips = [
+                reader.read(int(rows[idx]), int(cols[idx]), aug)
+                for idx in plots[start : start + group]
+                for aug in draw_augmentations(views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx))
+            ]
+            out = encode_tiles(model, np.stack(chips), spec.wavelengths_um, mean, std, batch_size=spec.batch_size)
+            feats[start : start + group] = out.reshape(-1, views, out.shape[1])
         np.save(out_dir / "features.npy", feats)
-        np.save(out_dir / "plots.npy", np.flatnonzero(keep))
-        return {"features": str(out_dir / "features.npy"), "plots": str(out_dir / "plots.npy"), "n_plots": int(keep.sum()), "views": views}
+        np.save(out_dir / "plots.npy", plots)
+        return {"features": str(out_dir / "features.npy"), "plots": str(out_dir / "plots.npy"), "n_plots": len(plots), "views": views}
 
     def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
         from botaclip_core.cluster import dask_client

@@ -47,13 +47,14 @@ _GDAL_ENV = {
     # blocks are processed in parallel already: one GDAL thread per block avoids oversubscription
     "GDAL_NUM_THREADS": 1,
     # per-process block cache, bounded so that memory does not grow with the region
-    "GDAL_CACHEMAX": 256,
+    "GDAL_CACHEMAX": 256 * 2**20,  # bytes: rasterio passes small integers as bytes
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "VSI_CACHE": True,
 }
 _BLOCKS_PER_TASK = 64  # 8×8 blocks per Dask task: neighbours share decompressed source tiles
 _TASK_SIDE = 8
 _BLOCKS_PER_WAVE = 4096  # graph size bound: one wave of tasks at a time
+_MAX_OPEN_PER_THREAD = 8  # tasks are spatially compact: few sources are live at once
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TilingResult:
         n_skipped_resumed: blocks skipped because an earlier run recorded them as done.
         n_empty: blocks examined by this run whose intersecting sources were all nodata.
         dtype: dtype of the ``image`` variable.
+
     """
 
     path: Path
@@ -138,6 +140,7 @@ def region_grid_for_sources(
     Raises:
         InputDataError: if no source is given or a source cannot be opened.
         CRSMismatchError: if ``crs`` is invalid or a source has no CRS.
+
     """
     grid_crs = parse_crs(crs)
     if resolution <= 0 or not math.isfinite(resolution):
@@ -150,12 +153,16 @@ def region_grid_for_sources(
     for path in sources:
         with _open_source(path) as ds:
             _require_crs(ds, path)
-            left, bottom, right, top = transform_bounds(ds.crs, grid_crs, *ds.bounds, densify_pts=21)
+            left, bottom, right, top = transform_bounds(
+                ds.crs, grid_crs, *ds.bounds, densify_pts=21
+            )
         lefts.append(left)
         bottoms.append(bottom)
         rights.append(right)
         tops.append(top)
-    return RegionGrid.from_bounds(crs, resolution, (min(lefts), min(bottoms), max(rights), max(tops)))
+    return RegionGrid.from_bounds(
+        crs, resolution, (min(lefts), min(bottoms), max(rights), max(tops))
+    )
 
 
 def tile_orthophotos(
@@ -215,6 +222,7 @@ def tile_orthophotos(
         InputDataError: unreadable source, band-count mismatch, bad settings, or no source
             intersecting the grid.
         CRSMismatchError: a source without CRS.
+
     """
     _validate_settings(sources, bands, wavelengths_um, tile_size, resampling, precedence)
     out = Path(out)
@@ -228,7 +236,8 @@ def tile_orthophotos(
     if block_ids.size == 0:
         raise InputDataError(
             f"sources: none of the {len(infos)} orthophotos ({infos[0].path}, ...) intersects the "
-            f"region grid {grid.crs} bounds {grid.bounds}; check the region bounds and the files' CRS."
+            f"region grid {grid.crs} bounds {grid.bounds}; "
+            "check the region bounds and the files' CRS."
         )
 
     settings = {
@@ -245,16 +254,23 @@ def tile_orthophotos(
         "source_order": [str(p) for p in sources],
     }
     records = records_dir(out)
-    done = _prepare_store(out, records, settings, grid, bands, wavelengths_um, tile_size, dtype, sources)
+    done = _prepare_store(
+        out, records, settings, grid, bands, wavelengths_um, tile_size, dtype, sources
+    )
 
     todo_mask = ~np.isin(block_ids, done)
     n_skipped = int(block_ids.size - todo_mask.sum())
     job = _Job(str(out), str(records), grid, tile_size, len(bands), dtype, resampling)
-    tasks = _group_tasks(block_ids[todo_mask], [src_lists[i] for i in np.flatnonzero(todo_mask)],
-                         infos, n_bcols)
+    tasks = _group_tasks(
+        block_ids[todo_mask], [src_lists[i] for i in np.flatnonzero(todo_mask)], infos, n_bcols
+    )
     logger.info(
         "tiling %d sources onto %s: %d of %d blocks to do (%d done earlier)",
-        len(infos), out, int(todo_mask.sum()), n_brows * n_bcols, n_skipped,
+        len(infos),
+        out,
+        int(todo_mask.sum()),
+        n_brows * n_bcols,
+        n_skipped,
     )
     n_written = n_empty = 0
     for wave in _waves(tasks):
@@ -264,7 +280,9 @@ def tile_orthophotos(
         logger.debug("tiling %s: %d written, %d empty so far", out, n_written, n_empty)
 
     _consolidate(out)
-    logger.info("tiled %s: %d blocks written, %d empty, %d resumed", out, n_written, n_empty, n_skipped)
+    logger.info(
+        "tiled %s: %d blocks written, %d empty, %d resumed", out, n_written, n_empty, n_skipped
+    )
     return TilingResult(out, grid, n_brows * n_bcols, n_written, n_skipped, n_empty, dtype)
 
 
@@ -273,6 +291,7 @@ def covered_blocks(zarr_path: Path) -> list[tuple[int, int]]:
 
     Raises:
         InputDataError: if ``zarr_path`` has no ``valid`` array.
+
     """
     valid = Path(zarr_path) / "valid"
     if not (valid / "zarr.json").exists():
@@ -295,11 +314,14 @@ def open_image(zarr_path: Path) -> xr.Dataset:
 
     Raises:
         InputDataError: if the store does not exist.
+
     """
     zarr_path = Path(zarr_path)
     root = zarr_path / "zarr.json"
     if not root.exists():
-        raise InputDataError(f"{zarr_path}: not a Zarr v3 store (no zarr.json); run the tile stage.")
+        raise InputDataError(
+            f"{zarr_path}: not a Zarr v3 store (no zarr.json); run the tile stage."
+        )
     consolidated = json.loads(root.read_text()).get("consolidated_metadata") is not None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
@@ -329,9 +351,13 @@ def _validate_settings(
     if tile_size < 1:
         raise InputDataError(f"tile_size: {tile_size} must be a positive number of pixels.")
     if resampling not in RESAMPLING_METHODS:
-        raise InputDataError(f"resampling: {resampling!r} is not one of {list(RESAMPLING_METHODS)}.")
+        raise InputDataError(
+            f"resampling: {resampling!r} is not one of {list(RESAMPLING_METHODS)}."
+        )
     if precedence not in PRECEDENCE_POLICIES:
-        raise InputDataError(f"precedence: {precedence!r} is not one of {list(PRECEDENCE_POLICIES)}.")
+        raise InputDataError(
+            f"precedence: {precedence!r} is not one of {list(PRECEDENCE_POLICIES)}."
+        )
 
 
 def _open_source(path: Path | str) -> Any:
@@ -360,7 +386,9 @@ def _acquisition_time(ds: Any, path: Path) -> float:
                 return parsed.replace(tzinfo=_dt.UTC).timestamp()
             except ValueError:
                 continue
-        logger.warning("%s: unreadable TIFFTAG_DATETIME %r; using the file modification time", path, stamp)
+        logger.warning(
+            "%s: unreadable TIFFTAG_DATETIME %r; using the file modification time", path, stamp
+        )
     return path.stat().st_mtime
 
 
@@ -381,7 +409,9 @@ def _aligned_offset(ds: Any, grid: RegionGrid) -> tuple[int, int] | None:
     return round(row), round(col)
 
 
-def _inspect_source(path: Path, grid: RegionGrid, bands: list[str], nodata: float | None) -> _Source:
+def _inspect_source(
+    path: Path, grid: RegionGrid, bands: list[str], nodata: float | None
+) -> _Source:
     with _open_source(path) as ds:
         _require_crs(ds, path)
         if ds.count != len(bands):
@@ -391,7 +421,9 @@ def _inspect_source(path: Path, grid: RegionGrid, bands: list[str], nodata: floa
             )
         dtypes = set(ds.dtypes)
         if len(dtypes) != 1:
-            raise InputDataError(f"{path}: bands of mixed dtypes {sorted(dtypes)}; convert it to one dtype.")
+            raise InputDataError(
+                f"{path}: bands of mixed dtypes {sorted(dtypes)}; convert it to one dtype."
+            )
         flags = ds.mask_flag_enums[0]
         has_mask = any(f.name in ("per_dataset", "alpha") for f in flags) and ds.nodata is None
         footprint = transform_bounds(ds.crs, grid.crs_obj, *ds.bounds, densify_pts=21)
@@ -439,7 +471,9 @@ def _candidate_blocks(
         c0, r0 = max(c0, 0), max(r0, 0)
         c1, r1 = min(c1, n_bcols), min(r1, n_brows)
         if c0 >= c1 or r0 >= r1:
-            logger.warning("%s: does not intersect the region grid %s; skipped", s.path, grid.bounds)
+            logger.warning(
+                "%s: does not intersect the region grid %s; skipped", s.path, grid.bounds
+            )
             continue
         rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
         ids = (rows * n_bcols + cols).ravel()
@@ -474,7 +508,11 @@ def _group_tasks(
         used = sorted({int(i) for lst in lists for i in lst})
         local = {g: k for k, g in enumerate(used)}
         tasks.append(
-            (blocks.copy(), [[local[int(i)] for i in lst] for lst in lists], [infos[g] for g in used])
+            (
+                blocks.copy(),
+                [[local[int(i)] for i in lst] for lst in lists],
+                [infos[g] for g in used],
+            )
         )
 
     for k in order:
@@ -525,6 +563,7 @@ def _prepare_store(
 
     Returns:
         Block ids already recorded as done.
+
     """
     stamp = records / "_settings.json"
     digest = _settings_hash(settings)
@@ -579,7 +618,8 @@ def _write_metadata(
         },
     )
     ds = ds.assign_coords(band=("band", np.array(bands, dtype=object)))
-    codec = ZstdCodec(level=3)
+    # level 1: several times faster than 3 on noisy imagery for ~5 % larger chunks
+    codec = ZstdCodec(level=1)
     encoding = {
         "image": {"chunks": (n, tile_size, tile_size), "compressors": [codec], "fill_value": 0},
         "valid": {"chunks": (tile_size, tile_size), "compressors": [codec], "fill_value": 0},
@@ -587,7 +627,9 @@ def _write_metadata(
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        ds.to_zarr(out, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+        ds.to_zarr(
+            out, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding
+        )
 
 
 def _read_records(records: Path, settings: dict[str, Any]) -> np.ndarray:
@@ -624,7 +666,7 @@ def _thread_cache() -> dict[str, Any]:
 
 
 def _dataset(path: str) -> Any:
-    """The calling thread's open handle on a source (GDAL handles are not thread-safe)."""
+    """Return the calling thread's open handle on a source (GDAL handles are not thread-safe)."""
     cache = _thread_cache()
     key = "src:" + path
     ds = cache.get(key)
@@ -632,7 +674,7 @@ def _dataset(path: str) -> Any:
         with rasterio.Env(**_GDAL_ENV):
             ds = _open_source(path)
         cache[key] = ds
-        if len([k for k in cache if k.startswith("src:")]) > 64:
+        if len([k for k in cache if k.startswith("src:")]) > _MAX_OPEN_PER_THREAD:
             # keep the number of open files per thread bounded on large catalogs
             oldest = next(k for k in cache if k.startswith("src:"))
             cache.pop(oldest).close()
@@ -640,7 +682,7 @@ def _dataset(path: str) -> Any:
 
 
 def _transformer(grid_crs: str, src_wkt: str) -> Any:
-    """The calling thread's grid → source CRS transformer (PROJ setup costs milliseconds)."""
+    """Return the calling thread's grid → source CRS transformer (PROJ setup costs ms)."""
     from pyproj import Transformer
 
     cache = _thread_cache()
@@ -690,7 +732,8 @@ class _ChunkWriter:
         """Write ``data`` (possibly a clipped edge chunk) as the chunk at ``chunk_index``."""
         if self.array is not None:
             sel = tuple(
-                slice(i * c, i * c + n) for i, c, n in zip(chunk_index, self.chunk_shape, data.shape, strict=True)
+                slice(i * c, i * c + n)
+                for i, c, n in zip(chunk_index, self.chunk_shape, data.shape, strict=True)
             )
             self.array[sel] = data
             return
@@ -842,7 +885,9 @@ def _compose_block(
     return brow, bcol, image, filled
 
 
-def _process_task(job: _Job, block_ids: list[int], src_lists: list[list[int]], srcs: list[_Source]) -> tuple[int, int]:
+def _process_task(
+    job: _Job, block_ids: list[int], src_lists: list[list[int]], srcs: list[_Source]
+) -> tuple[int, int]:
     """Compose, write and record each block of a task; returns (written, empty) counts."""
     image_writer, valid_writer = _zarr_writers(job.out)
     log_name = f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.log"
@@ -883,4 +928,6 @@ def _run_wave(
     import dask
 
     delayed = [dask.delayed(_process_task, pure=False)(job, *t) for t in wave]
-    return list(dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1))
+    return list(
+        dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1)
+    )

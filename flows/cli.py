@@ -16,12 +16,14 @@ from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from botaclip_core.errors import BotaclipError  # noqa: E402
 
 app = typer.Typer(help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -62,7 +64,7 @@ def _run(catalog: Path, region: str, stages: list[str] | None, report: Path | No
 
 
 def _fail(exc: BotaclipError) -> None:
-    console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 

@@ -23,15 +23,22 @@ def image_zarr(tmp_path_factory):
     sources = make_orthophotos(root / "ortho", size=200)["aligned"]
     grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
     result = tile_orthophotos(
-        sources, root / "image.zarr", grid=grid, bands=BANDS,
-        wavelengths_um=[0.49, 0.56, 0.665, 0.842], tile_size=64,
+        sources,
+        root / "image.zarr",
+        grid=grid,
+        bands=BANDS,
+        wavelengths_um=[0.49, 0.56, 0.665, 0.842],
+        tile_size=64,
     )
     return result.path, grid
 
 
 def _is_cog(path: Path) -> bool:
     with rasterio.open(path) as ds:
-        return ds.profile.get("tiled", False) and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "COG") == "COG"
+        return (
+            ds.profile.get("tiled", False)
+            and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "COG") == "COG"
+        )
 
 
 def test_export_image_values_crs_transform(image_zarr, tmp_path):

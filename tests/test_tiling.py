@@ -89,7 +89,9 @@ def test_region_grid_for_sources_covers_union(ortho):
             rights.append(ds.bounds.right)
             tops.append(ds.bounds.top)
     assert grid.bounds == (min(lefts), min(bottoms), max(rights), max(tops))
-    explicit = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5, bounds=(0, 0, 10, 10))
+    explicit = region_grid_for_sources(
+        sources, crs="EPSG:2154", resolution=0.5, bounds=(0, 0, 10, 10)
+    )
     assert explicit == RegionGrid("EPSG:2154", 0.5, 0.0, 10.0, 20, 20)
 
 
@@ -159,8 +161,13 @@ def test_reprojected_source_matches_rasterio_warp(ortho, tmp_path):
     with rasterio.open(src) as s:
         ref = np.zeros((4, *grid.shape), dtype=np.uint8)
         reproject(
-            rasterio.band(s, [1, 2, 3, 4]), ref, dst_transform=grid.transform, dst_crs=grid.crs,
-            resampling=Resampling.bilinear, src_nodata=0, dst_nodata=0,
+            rasterio.band(s, [1, 2, 3, 4]),
+            ref,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.bilinear,
+            src_nodata=0,
+            dst_nodata=0,
         )
     valid = ds["valid"].values.astype(bool)
     ref_valid = ref.any(axis=0)
@@ -180,7 +187,10 @@ def test_precedence_catalog_order(ortho, tmp_path):
     va, vb = da_.any(axis=0), db_.any(axis=0)
     # a is at (0, 0) of the grid; b is offset by the fixture's (157, 103) pixels
     with rasterio.open(b) as s:
-        rb, cb = (int(v[0]) for v in grid.rowcol(np.array([s.bounds.left + 0.1]), np.array([s.bounds.top - 0.1])))
+        rb, cb = (
+            int(v[0])
+            for v in grid.rowcol(np.array([s.bounds.left + 0.1]), np.array([s.bounds.top - 0.1]))
+        )
     h, w = va.shape
     overlap_b = vb[: h - rb, : w - cb] & va[rb:, cb:]
     assert overlap_b.sum() > 1000
@@ -214,7 +224,9 @@ def test_newest_first_falls_back_to_mtime(tmp_path):
     os.utime(new, (1_600_000_000, 1_600_000_000))
     grid = RegionGrid("EPSG:2154", 1.0, 0.0, 64.0, 64, 64)
     ds = open_image(
-        _tile([old, new], tmp_path / "i.zarr", grid=grid, bands=BANDS[:3], precedence="newest_first").path
+        _tile(
+            [old, new], tmp_path / "i.zarr", grid=grid, bands=BANDS[:3], precedence="newest_first"
+        ).path
     )
     np.testing.assert_array_equal(ds["image"].values, data_new)
 
@@ -227,7 +239,9 @@ def test_sparse_bbox_writes_only_covered_blocks(ortho, tmp_path):
     with rasterio.open(a) as s:
         left, bottom, right, top = s.bounds
     # ~40× the source's area
-    grid = RegionGrid.from_bounds("EPSG:2154", 0.5, (left - 400, bottom - 400, right + 400, top + 400))
+    grid = RegionGrid.from_bounds(
+        "EPSG:2154", 0.5, (left - 400, bottom - 400, right + 400, top + 400)
+    )
     out = tmp_path / "image.zarr"
     result = _tile([a], out, grid=grid, tile_size=64)
     assert result.n_blocks == (-(-grid.height // 64)) * (-(-grid.width // 64))
@@ -235,7 +249,9 @@ def test_sparse_bbox_writes_only_covered_blocks(ortho, tmp_path):
     image_chunks = sorted(
         (int(p.parent.name), int(p.name)) for p in (out / "image" / "c" / "0").glob("*/*")
     )
-    valid_chunks = sorted((int(p.parent.name), int(p.name)) for p in (out / "valid" / "c").glob("*/*"))
+    valid_chunks = sorted(
+        (int(p.parent.name), int(p.name)) for p in (out / "valid" / "c").glob("*/*")
+    )
     assert image_chunks == valid_chunks == blocks
     assert len(blocks) == result.n_written
     assert 0 < len(blocks) <= 36  # the 300 px sheet spans at most 6×6 blocks of 64 px
@@ -329,8 +345,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path):
     ref = _tile(sources, tmp_path / "ref" / "image.zarr", grid=grid, tile_size=32)
     out = tmp_path / "killed" / "image.zarr"
     args = json.dumps(
-        {"sources": [str(p) for p in sources], "out": str(out), "grid": grid.to_dict(),
-         "bands": BANDS, "wl": WAVELENGTHS}
+        {
+            "sources": [str(p) for p in sources],
+            "out": str(out),
+            "grid": grid.to_dict(),
+            "bands": BANDS,
+            "wl": WAVELENGTHS,
+        }
     )
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, args], cwd=REPO)
     records = records_dir(out)
@@ -344,9 +365,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert not (out / "zarr.json").exists() or json.loads((out / "zarr.json").read_text()).get(
-        "consolidated_metadata"
-    ) is None
+    assert (
+        not (out / "zarr.json").exists()
+        or json.loads((out / "zarr.json").read_text()).get("consolidated_metadata") is None
+    )
     resumed = _tile(sources, out, grid=grid, tile_size=32)
     assert resumed.n_skipped_resumed > 0
     _assert_same_store(ref.path, out)
@@ -363,8 +385,12 @@ def test_distributed_client_gives_same_store(ortho, tmp_path):
         processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
     ) as client:
         got = _tile(ortho["aligned"], tmp_path / "dist.zarr", grid=grid, dask_client=client)
-    np.testing.assert_array_equal(open_image(ref.path)["image"].values, open_image(got.path)["image"].values)
-    np.testing.assert_array_equal(open_image(ref.path)["valid"].values, open_image(got.path)["valid"].values)
+    np.testing.assert_array_equal(
+        open_image(ref.path)["image"].values, open_image(got.path)["image"].values
+    )
+    np.testing.assert_array_equal(
+        open_image(ref.path)["valid"].values, open_image(got.path)["valid"].values
+    )
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -381,7 +407,9 @@ def test_unreadable_source_names_file(ortho, tmp_path):
 def test_source_without_crs_names_file_and_fix(tmp_path):
     data = np.ones((4, 32, 32), dtype=np.uint8)
     path = tmp_path / "nocrs.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=4, dtype="uint8") as dst:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=32, height=32, count=4, dtype="uint8"
+    ) as dst:
         dst.write(data)
     grid = RegionGrid("EPSG:2154", 1.0, 0.0, 32.0, 32, 32)
     with pytest.raises(CRSMismatchError, match=r"nocrs\.tif.*no CRS.*-a_srs"):
@@ -390,7 +418,9 @@ def test_source_without_crs_names_file_and_fix(tmp_path):
 
 def test_band_count_mismatch_names_file_and_bands(ortho, tmp_path):
     grid = region_grid_for_sources(ortho["aligned"], crs="EPSG:2154", resolution=0.5)
-    with pytest.raises(InputDataError, match=r"sheet_0\.tif: has 4 bands.*3 bands \['nir', 'red', 'green'\]"):
+    with pytest.raises(
+        InputDataError, match=r"sheet_0\.tif: has 4 bands.*3 bands \['nir', 'red', 'green'\]"
+    ):
         _tile(ortho["aligned"][:1], tmp_path / "i.zarr", grid=grid, bands=["nir", "red", "green"])
 
 
@@ -407,7 +437,10 @@ def test_non_intersecting_source_warns_and_none_raises(ortho, tmp_path, caplog):
         far_data = np.full((4, 16, 16), 5, dtype=np.uint8)
         far_src = write_sheet(tmp_path / "far.tif", far_data, left=100_000.0, top=6_000_000.0)
         _tile([ortho["aligned"][1], far_src], tmp_path / "j.zarr", grid=grid)
-    assert any("far.tif" in r.getMessage() and "does not intersect" in r.getMessage() for r in caplog.records)
+    assert any(
+        "far.tif" in r.getMessage() and "does not intersect" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_bad_settings_rejected(ortho, tmp_path):
@@ -450,8 +483,13 @@ def test_naip_reprojected_matches_rasterio_warp(tmp_path):
     with rasterio.open(src) as s:
         ref = np.zeros((4, *grid.shape), dtype=np.uint8)
         reproject(
-            rasterio.band(s, [1, 2, 3, 4]), ref, dst_transform=grid.transform, dst_crs=grid.crs,
-            resampling=Resampling.bilinear, src_nodata=0, dst_nodata=0,
+            rasterio.band(s, [1, 2, 3, 4]),
+            ref,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.bilinear,
+            src_nodata=0,
+            dst_nodata=0,
         )
     valid = ds["valid"].values.astype(bool)
     both = valid & ref.any(axis=0)
@@ -464,17 +502,23 @@ def test_neon_sjer_crops_on_own_grid_are_exact_and_sparse(tmp_path):
     plots = _realdata("neon", "plots")
     sources = [plots / "SJER_015.tif", plots / "SJER_022.tif"]
     grid = region_grid_for_sources(sources, crs="EPSG:32611", resolution=0.1)
-    result = _tile(sources, tmp_path / "sjer.zarr", grid=grid, bands=["red", "green", "blue"], tile_size=224)
+    result = _tile(
+        sources, tmp_path / "sjer.zarr", grid=grid, bands=["red", "green", "blue"], tile_size=224
+    )
     ds = open_image(result.path)
     assert ds.rio.crs == grid.crs_obj and ds.rio.transform() == grid.transform
     assert result.n_written < result.n_blocks / 10  # two 40 m crops in a ~340 m × 250 m box
     for src in sources:
         with rasterio.open(src) as s:
             data, nodata = s.read(), s.nodata
-            rows, cols = grid.rowcol(np.array([s.bounds.left + 0.05]), np.array([s.bounds.top - 0.05]))
+            rows, cols = grid.rowcol(
+                np.array([s.bounds.left + 0.05]), np.array([s.bounds.top - 0.05])
+            )
         r0, c0 = int(rows[0]), int(cols[0])
         valid = (data != nodata).any(axis=0)
         h, w = valid.shape
-        np.testing.assert_array_equal(ds["valid"].values[r0 : r0 + h, c0 : c0 + w].astype(bool), valid)
+        np.testing.assert_array_equal(
+            ds["valid"].values[r0 : r0 + h, c0 : c0 + w].astype(bool), valid
+        )
         window = ds["image"][:, r0 : r0 + h, c0 : c0 + w].values
         np.testing.assert_array_equal(window[:, valid], data[:, valid])

@@ -119,7 +119,12 @@ def warp_copy(src_path: Path, dst_path: Path, crs: str, resolution: float | None
         transform, width, height = calculate_default_transform(
             src.crs, dst_crs, src.width, src.height, *src.bounds, **kwargs
         )
-        profile = src.profile | {"crs": dst_crs, "transform": transform, "width": width, "height": height}
+        profile = src.profile | {
+            "crs": dst_crs,
+            "transform": transform,
+            "width": width,
+            "height": height,
+        }
         with rasterio.open(dst_path, "w", **profile) as dst:
             for b in range(1, src.count + 1):
                 reproject(
