@@ -329,8 +329,19 @@ def parse_catalog(data: dict[str, Any], *, base_dir: Path, source: str = "catalo
     return catalog.model_copy(update={"base_dir": Path(base_dir).resolve()})
 
 
-def load_catalog(path: str | Path) -> Catalog:
-    """Read and validate a catalog YAML file.
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with ``overrides`` merged in, nested mappings merged key by key."""
+    merged = dict(data)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_catalog(path: str | Path, overrides: dict[str, Any] | None = None) -> Catalog:
+    """Read and validate a catalog YAML file, with optional overrides (e.g. from the CLI).
 
     Raises:
         CatalogError: if the file is missing, not YAML, or invalid.
@@ -342,6 +353,8 @@ def load_catalog(path: str | Path) -> Catalog:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+    if overrides:
+        data = merge_overrides(data if isinstance(data, dict) else {}, overrides)
     return parse_catalog(data, base_dir=path.parent, source=str(path))
 
 

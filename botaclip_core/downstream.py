@@ -56,7 +56,12 @@ def _folds(groups: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarra
 def _projector(n_train: int, dim: int, settings: DownstreamSettings) -> Pipeline:
     steps: list = [StandardScaler()]
     if settings.pca_components:
-        steps.append(PCA(n_components=min(settings.pca_components, n_train - 1, dim), random_state=settings.seed))
+        steps.append(
+            PCA(
+                n_components=min(settings.pca_components, n_train - 1, dim),
+                random_state=settings.seed,
+            )
+        )
     return make_pipeline(*steps)
 
 
@@ -66,7 +71,9 @@ def true_skill_statistic(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.max(tpr - fpr))
 
 
-def boyce_index(presence_scores: np.ndarray, background_scores: np.ndarray, n_bins: int = 10) -> float:
+def boyce_index(
+    presence_scores: np.ndarray, background_scores: np.ndarray, n_bins: int = 10
+) -> float:
     """Continuous Boyce index: Spearman ρ of predicted/expected ratio across suitability bins."""
     lo, hi = float(np.min(background_scores)), float(np.max(background_scores))
     if hi <= lo:
@@ -80,7 +87,9 @@ def boyce_index(presence_scores: np.ndarray, background_scores: np.ndarray, n_bi
     return float(spearmanr(np.arange(n_bins)[keep], p[keep] / e[keep]).statistic)
 
 
-def _classify_oof(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, settings: DownstreamSettings) -> np.ndarray:
+def _classify_oof(
+    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, settings: DownstreamSettings
+) -> np.ndarray:
     """Out-of-fold presence probabilities for every column of ``Y`` (NaN where not scorable)."""
     oof = np.full(Y.shape, np.nan)
     for train, test in _folds(groups, settings.folds):
@@ -96,7 +105,13 @@ def _classify_oof(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, settings: Do
 
 
 def evaluate_presence_absence(
-    X: np.ndarray, Y: np.ndarray, xy: np.ndarray, species: list[str], settings: DownstreamSettings, *, block_size: float
+    X: np.ndarray,
+    Y: np.ndarray,
+    xy: np.ndarray,
+    species: list[str],
+    settings: DownstreamSettings,
+    *,
+    block_size: float,
 ) -> TargetScores:
     """Per-species logistic models; AUC and TSS on spatially held-out sites."""
     Y = (Y > 0).astype(int)
@@ -147,7 +162,13 @@ def evaluate_presence_only(
 
 
 def evaluate_abundance(
-    X: np.ndarray, Y: np.ndarray, xy: np.ndarray, groups_names: list[str], settings: DownstreamSettings, *, block_size: float
+    X: np.ndarray,
+    Y: np.ndarray,
+    xy: np.ndarray,
+    groups_names: list[str],
+    settings: DownstreamSettings,
+    *,
+    block_size: float,
 ) -> TargetScores:
     """Ridge regression of log(1 + abundance); Spearman ρ on spatially held-out sites."""
     target = np.log1p(Y)

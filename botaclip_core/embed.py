@@ -45,14 +45,24 @@ def create_embedding_store(
     out: Path, grid: RegionGrid, dim: int, *, chunk: int, attrs: dict[str, Any]
 ) -> None:
     """Write the metadata of an empty ``(feature, y, x)`` float32 embedding Zarr (NaN = no data)."""
-    data = da.full((dim, grid.height, grid.width), np.nan, dtype=np.float32, chunks=(dim, chunk, chunk))
+    data = da.full(
+        (dim, grid.height, grid.width), np.nan, dtype=np.float32, chunks=(dim, chunk, chunk)
+    )
     ds = georeferenced_dataset(
         grid,
-        {EMBEDDING: (("feature", "y", "x"), data, {"long_name": "embedding", "_FillValue": np.nan})},
+        {
+            EMBEDDING: (
+                ("feature", "y", "x"),
+                data,
+                {"long_name": "embedding", "_FillValue": np.nan},
+            )
+        },
         attrs,
     )
     ds = ds.assign_coords(feature=np.arange(dim, dtype=np.int32))
-    encoding = {EMBEDDING: {"chunks": (dim, chunk, chunk), "compressors": [zarr.codecs.ZstdCodec(level=3)]}}
+    encoding = {
+        EMBEDDING: {"chunks": (dim, chunk, chunk), "compressors": [zarr.codecs.ZstdCodec(level=3)]}
+    }
     ds[EMBEDDING].attrs.pop("_FillValue")
     encoding[EMBEDDING]["_FillValue"] = np.nan
     ds.to_zarr(out, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
@@ -73,7 +83,15 @@ def covered_embedding_blocks(image_zarr: Path, block_tiles: int) -> list[tuple[i
     return sorted({(r // block_tiles, c // block_tiles) for r, c in covered_blocks(image_zarr)})
 
 
-def embed_block(image_zarr: str, out: str, by: int, bx: int, tile_size: int, block_tiles: int, spec: BackboneSpec) -> int:
+def embed_block(
+    image_zarr: str,
+    out: str,
+    by: int,
+    bx: int,
+    tile_size: int,
+    block_tiles: int,
+    spec: BackboneSpec,
+) -> int:
     """Embed one block of tiles and write its chunk; returns the number of tiles embedded.
 
     Runs on Dask workers: opens the stores itself and reuses the worker's cached backbone.
@@ -92,7 +110,9 @@ def embed_block(image_zarr: str, out: str, by: int, bx: int, tile_size: int, blo
     ty1, tx1 = min(ty0 + block_tiles, n_ty), min(tx0 + block_tiles, n_tx)
     r0, c0 = ty0 * tile_size, tx0 * tile_size
     r1, c1 = min(ty1 * tile_size, image.shape[1]), min(tx1 * tile_size, image.shape[2])
-    pixels = np.zeros((image.shape[0], (ty1 - ty0) * tile_size, (tx1 - tx0) * tile_size), dtype=image.dtype)
+    pixels = np.zeros(
+        (image.shape[0], (ty1 - ty0) * tile_size, (tx1 - tx0) * tile_size), dtype=image.dtype
+    )
     mask = np.zeros(pixels.shape[1:], dtype=bool)
     pixels[:, : r1 - r0, : c1 - c0] = image[:, r0:r1, c0:c1]
     mask[: r1 - r0, : c1 - c0] = valid[r0:r1, c0:c1] > 0
@@ -164,11 +184,21 @@ def embed_region(
             )
             n_tiles += sum(client.gather(futures))
     zarr.consolidate_metadata(str(out))
-    return {"zarr": str(out), "blocks": len(blocks), "blocks_run": len(todo), "tiles_embedded": n_tiles}
+    return {
+        "zarr": str(out),
+        "blocks": len(blocks),
+        "blocks_run": len(todo),
+        "tiles_embedded": n_tiles,
+    }
 
 
 def transform_embeddings(
-    source: Path, out: Path, fn: Callable[[np.ndarray], np.ndarray], *, out_dim: int, attrs: dict[str, Any]
+    source: Path,
+    out: Path,
+    fn: Callable[[np.ndarray], np.ndarray],
+    *,
+    out_dim: int,
+    attrs: dict[str, Any],
 ) -> dict[str, Any]:
     """Apply ``fn`` ((n, D) → (n, out_dim)) to every embedding of ``source`` → a new Zarr."""
     src = xr.open_zarr(source)
@@ -192,7 +222,12 @@ def transform_embeddings(
     return {"zarr": str(out)}
 
 
-def sample_embeddings(zarr_path: Path, rows: Sequence[int] | np.ndarray, cols: Sequence[int] | np.ndarray, tile_size: int) -> np.ndarray:
+def sample_embeddings(
+    zarr_path: Path,
+    rows: Sequence[int] | np.ndarray,
+    cols: Sequence[int] | np.ndarray,
+    tile_size: int,
+) -> np.ndarray:
     """Embeddings ``(n, D)`` at image-pixel positions (NaN rows where nothing was embedded)."""
     arr = zarr.open_array(str(Path(zarr_path) / EMBEDDING), mode="r")
     dim, h, w = arr.shape

@@ -23,8 +23,12 @@ def band_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-band normalisation mean/std in DN: the catalog's, or defaults for the data type."""
     scale = 1.0 if np.dtype(dtype) == np.uint8 else 257.0  # uint16 orthophotos span 0–65535
-    m = np.asarray(mean if mean is not None else [DEFAULT_MEAN_UINT8 * scale] * n_bands, dtype=np.float32)
-    s = np.asarray(std if std is not None else [DEFAULT_STD_UINT8 * scale] * n_bands, dtype=np.float32)
+    m = np.asarray(
+        mean if mean is not None else [DEFAULT_MEAN_UINT8 * scale] * n_bands, dtype=np.float32
+    )
+    s = np.asarray(
+        std if std is not None else [DEFAULT_STD_UINT8 * scale] * n_bands, dtype=np.float32
+    )
     return m, s
 
 

@@ -48,9 +48,13 @@ def geozarr_attrs(grid: RegionGrid) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
-def georeferenced_dataset(grid: RegionGrid, data_vars: dict[str, Any], attrs: dict[str, Any]) -> xr.Dataset:
+def georeferenced_dataset(
+    grid: RegionGrid, data_vars: dict[str, Any], attrs: dict[str, Any]
+) -> xr.Dataset:
     """An ``xarray.Dataset`` on ``grid`` whose variables carry ``grid_mapping``."""
-    ds = xr.Dataset(data_vars=data_vars, coords=grid_coords(grid), attrs={**attrs, **geozarr_attrs(grid)})
+    ds = xr.Dataset(
+        data_vars=data_vars, coords=grid_coords(grid), attrs={**attrs, **geozarr_attrs(grid)}
+    )
     for name in ds.data_vars:
         if {"y", "x"} <= set(ds[name].dims):
             ds[name].attrs["grid_mapping"] = "spatial_ref"

@@ -89,7 +89,9 @@ class RegionGrid:
 
     def rowcol(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Integer (row, col) of the pixels containing map points; may fall outside the grid."""
-        cols = np.floor((np.asarray(xs, dtype=float) - self.left) / self.resolution).astype(np.int64)
+        cols = np.floor((np.asarray(xs, dtype=float) - self.left) / self.resolution).astype(
+            np.int64
+        )
         rows = np.floor((self.top - np.asarray(ys, dtype=float)) / self.resolution).astype(np.int64)
         return rows, cols
 

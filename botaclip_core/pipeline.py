@@ -22,7 +22,13 @@ from botaclip_core import downstream as ds_models
 from botaclip_core.catalog import Catalog, dump_catalog
 from botaclip_core.errors import CatalogError, StageError
 from botaclip_core.grid import RegionGrid
-from botaclip_core.store import ArtifactStore, StageResult, atomic_write_json, fingerprint_file, stage_key
+from botaclip_core.store import (
+    ArtifactStore,
+    StageResult,
+    atomic_write_json,
+    fingerprint_file,
+    stage_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,15 @@ DEPENDS = {
     "downstream": ("embed", "rasterize"),
 }
 # bump when a stage's output format or algorithm changes, so old outputs are not reused
-VERSIONS = {"tile": "1", "rasterize": "1", "features": "1", "finetune": "1", "embed-dofa": "1", "embed": "1", "downstream": "1"}
+VERSIONS = {
+    "tile": "1",
+    "rasterize": "1",
+    "features": "1",
+    "finetune": "1",
+    "embed-dofa": "1",
+    "embed": "1",
+    "downstream": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class RegionPlan:
     grid: RegionGrid
     stages: dict[str, StagePlan] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def key(self, stage: str) -> str:
         """Key of a stage (planned to run or not)."""
@@ -68,18 +83,33 @@ class RegionPlan:
             "catalog_path": self.catalog_path,
             "region": self.region,
             "grid": self.grid.to_dict(),
-            "stages": {s: {"key": p.key, "settings": p.settings, "inputs": p.inputs} for s, p in self.stages.items()},
+            "stages": {
+                s: {"key": p.key, "settings": p.settings, "inputs": p.inputs}
+                for s, p in self.stages.items()
+            },
             "keys": dict(self.keys),
+            "overrides": self.overrides,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegionPlan:
         """Inverse of :meth:`to_dict`."""
-        stages = {s: StagePlan(s, p["key"], p["settings"], p["inputs"]) for s, p in data["stages"].items()}
-        return cls(data["catalog_path"], data["region"], RegionGrid.from_dict(data["grid"]), stages, dict(data["keys"]))
+        stages = {
+            s: StagePlan(s, p["key"], p["settings"], p["inputs"]) for s, p in data["stages"].items()
+        }
+        return cls(
+            data["catalog_path"],
+            data["region"],
+            RegionGrid.from_dict(data["grid"]),
+            stages,
+            dict(data["keys"]),
+            dict(data.get("overrides") or {}),
+        )
 
 
-def resolve_stages(requested: Sequence[str] | None, *, has_releves: bool, has_targets: bool) -> list[str]:
+def resolve_stages(
+    requested: Sequence[str] | None, *, has_releves: bool, has_targets: bool
+) -> list[str]:
     """The requested stages plus what they need, in pipeline order.
 
     Raises:
@@ -90,10 +120,16 @@ def resolve_stages(requested: Sequence[str] | None, *, has_releves: bool, has_ta
         if name not in STAGES:
             raise CatalogError(f"--stages: unknown stage {name!r}; stages are {', '.join(STAGES)}")
     if not requested:
-        wanted = [s for s in STAGES if (s != "finetune" or has_releves) and (s != "downstream" or has_targets)]
+        wanted = [
+            s
+            for s in STAGES
+            if (s != "finetune" or has_releves) and (s != "downstream" or has_targets)
+        ]
     for name in wanted:
         if name == "finetune" and not has_releves:
-            raise CatalogError("stage 'finetune' needs the region's 'releves' dataset in the catalog")
+            raise CatalogError(
+                "stage 'finetune' needs the region's 'releves' dataset in the catalog"
+            )
         if name == "downstream" and not has_targets:
             raise CatalogError("stage 'downstream' needs the region's 'targets' in the catalog")
     closed: set[str] = set()
@@ -119,8 +155,16 @@ class Pipeline:
         catalog_path: where the catalog came from (recorded in reports).
     """
 
-    def __init__(self, catalog: Catalog, region: str, *, catalog_path: str | Path = "") -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        region: str,
+        *,
+        catalog_path: str | Path = "",
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.catalog = catalog
+        self.overrides = dict(overrides or {})
         self.region_name = region
         self.region = catalog.region(region)
         self.catalog_path = str(catalog_path)
@@ -154,7 +198,10 @@ class Pipeline:
         out = {}
         for name in names:
             spec = self.catalog.datasets[name]
-            out[name] = {"spec": spec.model_dump(mode="json"), "file": self.fingerprint(self.catalog.resolve(spec.path))}
+            out[name] = {
+                "spec": spec.model_dump(mode="json"),
+                "file": self.fingerprint(self.catalog.resolve(spec.path)),
+            }
         return out
 
     def _model_settings(self) -> dict[str, Any]:
@@ -192,10 +239,18 @@ class Pipeline:
                 "orthophotos": ortho.model_dump(mode="json", exclude={"paths", "mean", "std"}),
                 "tile_size": self.catalog.tiling.tile_size,
             },
-            {"orthophotos": [self.fingerprint(p) for p in self.catalog.orthophoto_files(self.region_name)]},
+            {
+                "orthophotos": [
+                    self.fingerprint(p) for p in self.catalog.orthophoto_files(self.region_name)
+                ]
+            },
         )
         datasets = ([self.region.releves] if has_releves else []) + list(self.region.targets)
-        add("rasterize", {"grid": self.grid.to_dict(), "datasets": datasets}, self._dataset_inputs(datasets))
+        add(
+            "rasterize",
+            {"grid": self.grid.to_dict(), "datasets": datasets},
+            self._dataset_inputs(datasets),
+        )
         if has_releves:
             add(
                 "finetune",
@@ -209,15 +264,21 @@ class Pipeline:
         add(
             "embed",
             {"model": self._model_settings(), "block_tiles": self.catalog.embed.block_tiles},
-            {"tile": planned["tile"].key, "finetune": planned["finetune"].key if has_releves else None},
+            {
+                "tile": planned["tile"].key,
+                "finetune": planned["finetune"].key if has_releves else None,
+            },
         )
         if has_targets:
             add(
                 "downstream",
-                {"downstream": self.catalog.downstream.model_dump(mode="json"), "targets": list(self.region.targets)},
+                {
+                    "downstream": self.catalog.downstream.model_dump(mode="json"),
+                    "targets": list(self.region.targets),
+                },
                 {"embed": planned["embed"].key, "rasterize": planned["rasterize"].key},
             )
-        plan = RegionPlan(self.catalog_path, self.region_name, self.grid)
+        plan = RegionPlan(self.catalog_path, self.region_name, self.grid, overrides=self.overrides)
         plan.stages = {s: planned[s] for s in names}
         plan.keys = {s: p.key for s, p in planned.items()}
         return plan
@@ -264,7 +325,13 @@ class Pipeline:
         finally:
             if client_ctx:
                 client_ctx.__exit__(None, None, None)
-        return {"zarr": str(result.path), "grid": result.grid.to_dict(), "blocks": result.n_blocks, "blocks_written": result.n_written, "dtype": result.dtype}
+        return {
+            "zarr": str(result.path),
+            "grid": result.grid.to_dict(),
+            "blocks": result.n_blocks,
+            "blocks_written": result.n_written,
+            "dtype": result.dtype,
+        }
 
     def _build_rasterize(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
         from botaclip_core.releves import sites_on_grid
@@ -274,7 +341,12 @@ class Pipeline:
         for name in names:
             spec = self.catalog.datasets[name]
             table = sites_on_grid(spec, self.catalog.resolve(spec.path), plan.grid, name=name)
-            outputs[name] = {"kind": spec.kind, "n_sites": len(table.sites), "n_species": len(table.species), **table.save(out_dir, name)}
+            outputs[name] = {
+                "kind": spec.kind,
+                "n_sites": len(table.sites),
+                "n_species": len(table.species),
+                **table.save(out_dir, name),
+            }
         return outputs
 
     def _backbone_spec(self, dtype: str) -> Any:
@@ -316,10 +388,21 @@ class Pipeline:
         table = SiteTable.load(Path(raster[releves_name]["sites"]).parent, releves_name)
         settings = self.catalog.finetune
         spec = self._backbone_spec(tile["dtype"])
-        feat_settings = {"model": self._model_settings(), "views": settings.augment_views, "seed": settings.seed}
-        feat_inputs = {"tile": plan.key("tile"), "rasterize": plan.key("rasterize"), "releves": releves_name}
+        feat_settings = {
+            "model": self._model_settings(),
+            "views": settings.augment_views,
+            "seed": settings.seed,
+        }
+        feat_inputs = {
+            "tile": plan.key("tile"),
+            "rasterize": plan.key("rasterize"),
+            "releves": releves_name,
+        }
         features = self.store.run(
-            "features", VERSIONS["features"], feat_settings, feat_inputs,
+            "features",
+            VERSIONS["features"],
+            feat_settings,
+            feat_inputs,
             lambda d: self._build_chip_features(d, Path(tile["zarr"]), table, spec),
         )
         data = np.load(features.outputs["features"])
@@ -333,9 +416,18 @@ class Pipeline:
         summary = train_adapter(train, settings, out_dir)
         card = {
             "model": "BotaCLIP adapter over frozen DOFA",
-            "dofa": {"size": spec.size, "weights": spec.weights or "random initialisation (no pretrained weights)"},
+            "dofa": {
+                "size": spec.size,
+                "weights": spec.weights or "random initialisation (no pretrained weights)",
+            },
             "settings": settings.model_dump(mode="json"),
-            "data": {"tile_key": plan.key("tile"), "rasterize_key": plan.key("rasterize"), "features_key": features.key, "n_plots": int(len(data)), "n_species": len(table.species)},
+            "data": {
+                "tile_key": plan.key("tile"),
+                "rasterize_key": plan.key("rasterize"),
+                "features_key": features.key,
+                "n_plots": int(len(data)),
+                "n_species": len(table.species),
+            },
             "metrics": {k: v for k, v in summary.items() if k != "history"},
             "species": table.species,
         }
@@ -349,7 +441,9 @@ class Pipeline:
             "features_status": features.status,
         }
 
-    def _build_chip_features(self, out_dir: Path, image_zarr: Path, table: Any, spec: Any) -> dict[str, Any]:
+    def _build_chip_features(
+        self, out_dir: Path, image_zarr: Path, table: Any, spec: Any
+    ) -> dict[str, Any]:
         import zarr
 
         from botaclip_core.chips import ChipReader, draw_augmentations
@@ -374,13 +468,25 @@ class Pipeline:
             chips = [
                 reader.read(int(rows[idx]), int(cols[idx]), aug)
                 for idx in plots[start : start + group]
-                for aug in draw_augmentations(views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx))
+                for aug in draw_augmentations(
+                    views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx)
+                )
             ]
-            out = encode_tiles(model, np.stack(chips), spec.wavelengths_um, mean, std, batch_size=spec.batch_size)
+            out = encode_tiles(
+                model, np.stack(chips), spec.wavelengths_um, mean, std, batch_size=spec.batch_size
+            )
             feats[start : start + group] = out.reshape(-1, views, out.shape[1])
+            logger.info(
+                "features: %d / %d plots encoded", min(start + group, len(plots)), len(plots)
+            )
         np.save(out_dir / "features.npy", feats)
         np.save(out_dir / "plots.npy", plots)
-        return {"features": str(out_dir / "features.npy"), "plots": str(out_dir / "plots.npy"), "n_plots": len(plots), "views": views}
+        return {
+            "features": str(out_dir / "features.npy"),
+            "plots": str(out_dir / "plots.npy"),
+            "n_plots": len(plots),
+            "views": views,
+        }
 
     def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
         from botaclip_core.cluster import dask_client
@@ -390,18 +496,37 @@ class Pipeline:
         tile = self.upstream(plan, "tile")
         spec = self._backbone_spec(tile["dtype"])
         sp = plan.stages["embed"]
-        dofa_settings = {"model": sp.settings["model"], "block_tiles": self.catalog.embed.block_tiles, "seed": spec.seed}
+        dofa_settings = {
+            "model": sp.settings["model"],
+            "block_tiles": self.catalog.embed.block_tiles,
+            "seed": spec.seed,
+        }
         dim = int(load_backbone(spec.size, spec.weights, spec.seed).embed_dim)
 
         def build_dofa(d: Path) -> dict[str, Any]:
             with dask_client(self.catalog.dask) as client:
                 return embed_region(
-                    Path(tile["zarr"]), d / "dofa.zarr", spec=spec, dim=dim,
-                    tile_size=self.catalog.tiling.tile_size, block_tiles=self.catalog.embed.block_tiles,
-                    client=client, attrs={"source": "dofa", "dofa_size": spec.size, "dofa_weights": spec.weights or "random"},
+                    Path(tile["zarr"]),
+                    d / "dofa.zarr",
+                    spec=spec,
+                    dim=dim,
+                    tile_size=self.catalog.tiling.tile_size,
+                    block_tiles=self.catalog.embed.block_tiles,
+                    client=client,
+                    attrs={
+                        "source": "dofa",
+                        "dofa_size": spec.size,
+                        "dofa_weights": spec.weights or "random",
+                    },
                 )
 
-        dofa = self.store.run("embed-dofa", VERSIONS["embed-dofa"], dofa_settings, {"tile": plan.key("tile")}, build_dofa)
+        dofa = self.store.run(
+            "embed-dofa",
+            VERSIONS["embed-dofa"],
+            dofa_settings,
+            {"tile": plan.key("tile")},
+            build_dofa,
+        )
         outputs: dict[str, Any] = {"dofa": dofa.outputs["zarr"], "dofa_status": dofa.status}
         if sp.inputs.get("finetune"):
             from botaclip_core.finetune import load_adapter
@@ -410,8 +535,11 @@ class Pipeline:
             weight = model.adapter.weight.detach().numpy().T.copy()
             bias = model.adapter.bias.detach().numpy().copy()
             transform_embeddings(
-                Path(dofa.outputs["zarr"]), out_dir / "botaclip.zarr", lambda x: x @ weight + bias,
-                out_dim=weight.shape[1], attrs={"source": "botaclip", "finetune_key": plan.key("finetune")},
+                Path(dofa.outputs["zarr"]),
+                out_dir / "botaclip.zarr",
+                lambda x: x @ weight + bias,
+                out_dim=weight.shape[1],
+                attrs={"source": "botaclip", "finetune_key": plan.key("finetune")},
             )
             outputs["botaclip"] = str(out_dir / "botaclip.zarr")
         return outputs
@@ -439,26 +567,50 @@ class Pipeline:
                 X = sample_embeddings(path, r, c, tile_size)
                 ok = ~np.isnan(X).any(axis=1)
                 if kind == "presence_absence":
-                    scores = ds_models.evaluate_presence_absence(X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block)
+                    scores = ds_models.evaluate_presence_absence(
+                        X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block
+                    )
                 elif kind == "presence_only":
                     bX = sample_embeddings(path, background["rows"], background["cols"], tile_size)
                     scores = ds_models.evaluate_presence_only(
-                        X[ok], table.values[ok], xy[ok], bX, background["xy"], table.species, settings, block_size=block
+                        X[ok],
+                        table.values[ok],
+                        xy[ok],
+                        bX,
+                        background["xy"],
+                        table.species,
+                        settings,
+                        block_size=block,
                     )
                 else:
-                    scores = ds_models.evaluate_abundance(X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block)
+                    scores = ds_models.evaluate_abundance(
+                        X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block
+                    )
                 if not scores.n_targets:
-                    logger.warning("downstream %s/%s: no target has enough data to score", name, source)
+                    logger.warning(
+                        "downstream %s/%s: no target has enough data to score", name, source
+                    )
                 for metric, value in scores.metrics.items():
-                    rows.append({
-                        "task": name, "kind": kind, "features": source, "model": ds_models.MODEL_NAMES[kind],
-                        "metric": metric, "value": round(float(value), 4), "n_targets": scores.n_targets,
-                        "primary": metric == ds_models.PRIMARY_METRIC[kind],
-                    })
+                    rows.append(
+                        {
+                            "task": name,
+                            "kind": kind,
+                            "features": source,
+                            "model": ds_models.MODEL_NAMES[kind],
+                            "metric": metric,
+                            "value": round(float(value), 4),
+                            "n_targets": scores.n_targets,
+                            "primary": metric == ds_models.PRIMARY_METRIC[kind],
+                        }
+                    )
                 per_target[f"{name}/{source}"] = scores.per_target
         atomic_write_json(out_dir / "metrics.json", rows)
         atomic_write_json(out_dir / "per_target.json", per_target)
-        return {"metrics": rows, "metrics_file": str(out_dir / "metrics.json"), "per_target_file": str(out_dir / "per_target.json")}
+        return {
+            "metrics": rows,
+            "metrics_file": str(out_dir / "metrics.json"),
+            "per_target_file": str(out_dir / "per_target.json"),
+        }
 
     def _background(self, dofa_zarr: Path, settings: Any, tile_size: int) -> dict[str, np.ndarray]:
         """Background points: random pixels of covered embedding cells (seeded)."""
@@ -478,7 +630,12 @@ def build_report(region: str, results: dict[str, StageResult]) -> dict[str, Any]
     """The run report: stage statuses and timings, embedding paths, downstream metrics."""
     report: dict[str, Any] = {"region": region, "stages": {}, "embeddings": {}, "downstream": []}
     for name, res in results.items():
-        report["stages"][name] = {"status": res.status, "seconds": round(res.seconds, 2), "output": str(res.path), "key": res.key}
+        report["stages"][name] = {
+            "status": res.status,
+            "seconds": round(res.seconds, 2),
+            "output": str(res.path),
+            "key": res.key,
+        }
     if "embed" in results:
         outs = results["embed"].outputs
         report["embeddings"] = {k: outs[k] for k in ("dofa", "botaclip") if k in outs}

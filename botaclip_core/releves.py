@@ -55,7 +55,9 @@ class SiteTable:
         return cls(sites, species, values)
 
 
-def _require_columns(frame: pd.DataFrame, columns: dict[str, str], *, source: str, name: str) -> None:
+def _require_columns(
+    frame: pd.DataFrame, columns: dict[str, str], *, source: str, name: str
+) -> None:
     for field_name, column in columns.items():
         if column not in frame.columns:
             available = [c for c in frame.columns if c != "geometry"]
@@ -73,11 +75,15 @@ def read_points(spec: DatasetSpec, path: Path, *, name: str) -> gpd.GeoDataFrame
         CRSMismatchError: no CRS in the file and none in the catalog.
     """
     if not path.is_file():
-        raise InputDataError(f"datasets.{name}.path: {path} does not exist. Fix the path in the catalog.")
+        raise InputDataError(
+            f"datasets.{name}.path: {path} does not exist. Fix the path in the catalog."
+        )
     suffix = path.suffix.lower()
     try:
         if suffix in VECTOR_SUFFIXES:
-            frame: pd.DataFrame = gpd.read_file(path, layer=spec.layer) if spec.layer else gpd.read_file(path)
+            frame: pd.DataFrame = (
+                gpd.read_file(path, layer=spec.layer) if spec.layer else gpd.read_file(path)
+            )
         elif suffix == ".parquet":
             try:
                 frame = gpd.read_parquet(path)
@@ -98,7 +104,7 @@ def read_points(spec: DatasetSpec, path: Path, *, name: str) -> gpd.GeoDataFrame
     if isinstance(frame, gpd.GeoDataFrame) and frame.geometry is not None and "geometry" in frame:
         if frame.crs is None and spec.crs is None:
             raise CRSMismatchError(
-                f"{path}: the file has no CRS. Set datasets.{name}.crs (e.g. \"EPSG:2154\")."
+                f'{path}: the file has no CRS. Set datasets.{name}.crs (e.g. "EPSG:2154").'
             )
         if frame.crs is None:
             frame = frame.set_crs(parse_crs(spec.crs or "", field=f"datasets.{name}.crs").to_wkt())
@@ -111,7 +117,7 @@ def read_points(spec: DatasetSpec, path: Path, *, name: str) -> gpd.GeoDataFrame
     _require_columns(frame, {"x": spec.x, "y": spec.y}, source=str(path), name=name)
     if spec.crs is None:
         raise CRSMismatchError(
-            f"{path}: a table of coordinates needs datasets.{name}.crs (e.g. \"EPSG:4326\" for lon/lat)."
+            f'{path}: a table of coordinates needs datasets.{name}.crs (e.g. "EPSG:4326" for lon/lat).'
         )
     crs = parse_crs(spec.crs, field=f"datasets.{name}.crs")
     xs = pd.to_numeric(frame[spec.x], errors="coerce")
@@ -171,11 +177,18 @@ def sites_on_grid(spec: DatasetSpec, path: Path, grid: RegionGrid, *, name: str)
             f"Check datasets.{name}.crs and the coordinate columns."
         )
     if not inside.all():
-        logger.warning("%s: %d of %d sites lie outside the region and are dropped", path, (~inside).sum(), len(sites))
+        logger.warning(
+            "%s: %d of %d sites lie outside the region and are dropped",
+            path,
+            (~inside).sum(),
+            len(sites),
+        )
     sites = sites.loc[inside].reset_index(drop=True)
     sites["row"], sites["col"] = rows[inside], cols[inside]
 
     species = sorted(long["species"].unique())
-    wide = long.pivot_table(index="site_id", columns="species", values="value", aggfunc="max", fill_value=0.0)
+    wide = long.pivot_table(
+        index="site_id", columns="species", values="value", aggfunc="max", fill_value=0.0
+    )
     wide = wide.reindex(index=sites["site_id"], columns=species, fill_value=0.0)
     return SiteTable(sites, species, wide.to_numpy(dtype=np.float32))

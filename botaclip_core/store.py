@@ -61,9 +61,13 @@ def fingerprint_file(path: str | Path) -> dict[str, Any]:
     }
 
 
-def stage_key(stage: str, version: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+def stage_key(
+    stage: str, version: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> str:
     """Hash of a stage's name, version, output-changing settings and input fingerprints."""
-    payload = canonical_json({"stage": stage, "version": version, "settings": settings, "inputs": inputs})
+    payload = canonical_json(
+        {"stage": stage, "version": version, "settings": settings, "inputs": inputs}
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 

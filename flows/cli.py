@@ -21,7 +21,10 @@ from rich.table import Table  # noqa: E402
 
 from botaclip_core.errors import BotaclipError  # noqa: E402
 
-app = typer.Typer(help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.", no_args_is_help=True)
+app = typer.Typer(
+    help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.",
+    no_args_is_help=True,
+)
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -38,7 +41,14 @@ def _print_report(report: dict[str, Any]) -> None:
         for col in ("task", "features", "model", "metric", "value", "n_targets"):
             table.add_column(col)
         for r in report["downstream"]:
-            table.add_row(r["task"], r["features"], r["model"], r["metric"], f"{r['value']:.3f}", str(r["n_targets"]))
+            table.add_row(
+                r["task"],
+                r["features"],
+                r["model"],
+                r["metric"],
+                f"{r['value']:.3f}",
+                str(r["n_targets"]),
+            )
         console.print(table)
     if report.get("embeddings"):
         for name, path in report["embeddings"].items():
@@ -47,19 +57,44 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(f"report: {report['report_path']}  ({report.get('seconds', 0):.1f} s)")
 
 
-def _run(catalog: Path, region: str, stages: list[str] | None, report: Path | None, use_prefect: bool) -> dict[str, Any]:
+def _overrides(weights: Path | None, dask_address: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if weights is not None:
+        out["model"] = {"dofa": {"weights": str(weights.resolve())}}
+    if dask_address:
+        out["dask"] = {"address": dask_address}
+    return out
+
+
+def _run(
+    catalog: Path,
+    region: str,
+    stages: list[str] | None,
+    report: Path | None,
+    use_prefect: bool,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     if use_prefect:
         from flows.pipeline import PipelineParams, pipeline_flow
 
-        params = PipelineParams(catalog=str(catalog), region=region, stages=stages, report=str(report) if report else None)
+        params = PipelineParams(
+            catalog=str(catalog),
+            region=region,
+            stages=stages,
+            report=str(report) if report else None,
+            overrides=overrides or {},
+        )
         return pipeline_flow(params)
     from botaclip_core.catalog import load_catalog
     from botaclip_core.pipeline import run_region
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cat = load_catalog(catalog)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cat = load_catalog(catalog, overrides)
     result = run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
-    result["report_path"] = str((report or cat.workdir_path / "reports" / f"{region}.json").resolve())
+    result["report_path"] = str(
+        (report or cat.workdir_path / "reports" / f"{region}.json").resolve()
+    )
     return result
 
 
@@ -69,15 +104,26 @@ def _fail(exc: BotaclipError) -> None:
 
 
 def _parse_stages(stages: str | None) -> list[str] | None:
-    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    return _split(stages) if stages else None
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo data, catalog and outputs go.")] = Path("botaclip-demo"),
-    report: Annotated[Path | None, typer.Option(help="Report path (default <workdir>/work/reports/demo.json).")] = None,
-    size: Annotated[str, typer.Option(help="Demo size: default, or tiny (seconds, tiny model).")] = "default",
-    prefect: Annotated[bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")] = True,
+    workdir: Annotated[
+        Path, typer.Option(help="Where the demo data, catalog and outputs go.")
+    ] = Path("botaclip-demo"),
+    report: Annotated[
+        Path | None, typer.Option(help="Report path (default <workdir>/work/reports/demo.json).")
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="Demo size: default, or tiny (seconds, tiny model).")
+    ] = "default",
+    prefect: Annotated[
+        bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")
+    ] = True,
+    weights: Annotated[
+        Path | None, typer.Option(help="DOFA checkpoint (default: random weights).")
+    ] = None,
 ) -> None:
     """Write the built-in demo region into WORKDIR and run the whole pipeline on it."""
     from botaclip_core.demo import write_demo_region
@@ -85,7 +131,7 @@ def demo(
     try:
         catalog = write_demo_region(workdir, size=size)
         console.print(f"demo catalog: {catalog}")
-        _print_report(_run(catalog, "demo", None, report, prefect))
+        _print_report(_run(catalog, "demo", None, report, prefect, _overrides(weights, None)))
     except BotaclipError as exc:
         _fail(exc)
 
@@ -94,19 +140,88 @@ def demo(
 def run(
     catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
     region: Annotated[str, typer.Option(help="Region name in the catalog.")],
-    stages: Annotated[str | None, typer.Option(help="Comma-separated stages: tile,rasterize,finetune,embed,downstream.")] = None,
-    report: Annotated[Path | None, typer.Option(help="Report path (default <workdir>/reports/<region>.json).")] = None,
-    prefect: Annotated[bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")] = True,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated stages: tile,rasterize,finetune,embed,downstream."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Report path (default <workdir>/reports/<region>.json).")
+    ] = None,
+    prefect: Annotated[
+        bool, typer.Option(help="Orchestrate with Prefect (default) or run in-process.")
+    ] = True,
+    weights: Annotated[
+        Path | None, typer.Option(help="DOFA checkpoint (overrides model.dofa.weights).")
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler, e.g. tcp://host:8786 (overrides dask.address)."),
+    ] = None,
 ) -> None:
     """Run the pipeline (or the named stages and what they need) on a region of CATALOG."""
     try:
-        _print_report(_run(catalog, region, _parse_stages(stages), report, prefect))
+        _print_report(
+            _run(
+                catalog,
+                region,
+                _parse_stages(stages),
+                report,
+                prefect,
+                _overrides(weights, dask_address),
+            )
+        )
     except BotaclipError as exc:
         _fail(exc)
 
 
 @app.command()
-def validate(catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")]) -> None:
+def ablation(
+    catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
+    region: Annotated[str, typer.Option(help="Region name in the catalog.")],
+    losses: Annotated[str, typer.Option(help="Comma-separated losses.")] = "infonce,sigmoid",
+    regularizers: Annotated[
+        str, typer.Option(help="Comma-separated regularisers.")
+    ] = "l2sp,similarity",
+    modes: Annotated[str, typer.Option(help="Comma-separated training modes.")] = "adapter",
+) -> None:
+    """Train a grid of BotaCLIP variants (loss × regulariser × mode) and compare them."""
+    from flows.ablation import AblationParams, ablation_flow
+
+    try:
+        rows = ablation_flow(
+            AblationParams(
+                catalog=str(catalog.resolve()),
+                region=region,
+                losses=_split(losses),
+                regularizers=_split(regularizers),
+                modes=_split(modes),
+            )
+        )
+    except BotaclipError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"ablation, region {region}")
+    columns = list(rows[0])
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            *[
+                f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                for c in columns
+            ]
+        )
+    console.print(table)
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def validate(
+    catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
+) -> None:
     """Check a catalog: keys, values, dataset references and orthophoto globs."""
     from botaclip_core.catalog import load_catalog
 
@@ -122,10 +237,14 @@ def validate(catalog: Annotated[Path, typer.Argument(help="Path of the data cata
 
 @app.command()
 def export(
-    zarr_path: Annotated[Path, typer.Argument(help="A botaclip Zarr (image.zarr, dofa.zarr, botaclip.zarr...).")],
+    zarr_path: Annotated[
+        Path, typer.Argument(help="A botaclip Zarr (image.zarr, dofa.zarr, botaclip.zarr...).")
+    ],
     out: Annotated[Path, typer.Argument(help="Output Cloud-Optimized GeoTIFF.")],
     variable: Annotated[str, typer.Option(help="Variable: image, valid, embedding...")] = "image",
-    bands: Annotated[str | None, typer.Option(help="Comma-separated band/feature indices (0-based).")] = None,
+    bands: Annotated[
+        str | None, typer.Option(help="Comma-separated band/feature indices (0-based).")
+    ] = None,
 ) -> None:
     """Export a georeferenced layer of a Zarr store as a Cloud-Optimized GeoTIFF (for QGIS)."""
     from botaclip_core.export import export_cog
@@ -142,8 +261,12 @@ def export(
 def serve(
     catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
     region: Annotated[str, typer.Option(help="Region name in the catalog.")],
-    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 1 * *' (monthly).")] = None,
-    name: Annotated[str | None, typer.Option(help="Deployment name (default botaclip-<region>).")] = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule, e.g. '0 3 1 * *' (monthly).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Deployment name (default botaclip-<region>).")
+    ] = None,
 ) -> None:
     """Serve a deployment of the pipeline for REGION (scheduled runs, runs from the Prefect UI)."""
     from flows.pipeline import pipeline_flow

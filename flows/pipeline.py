@@ -21,15 +21,25 @@ class PipelineParams(StrictModel):
 
     catalog: str = Field(description="Path of the data catalog YAML.")
     region: str = Field(description="Region name in the catalog.")
-    stages: list[str] | None = Field(None, description="Stages to run (and what they need); default all.")
-    report: str | None = Field(None, description="Report path; default <workdir>/reports/<region>.json.")
+    stages: list[str] | None = Field(
+        None, description="Stages to run (and what they need); default all."
+    )
+    report: str | None = Field(
+        None, description="Report path; default <workdir>/reports/<region>.json."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Catalog values replaced for this run, e.g. {'dask': {'address': ...}}.",
+    )
 
 
 def _result(stage: str, state: Any) -> StageResult:
     record = state.result()
     status = "cached" if state.name == "Cached" else record["status"]
     seconds = 0.0 if status == "cached" else record["seconds"]
-    return StageResult(stage, record["key"], status, seconds, Path(record["path"]), record["outputs"])
+    return StageResult(
+        stage, record["key"], status, seconds, Path(record["path"]), record["outputs"]
+    )
 
 
 @flow(name="botaclip-pipeline", flow_run_name="{params.region}", log_prints=False)
@@ -38,8 +48,8 @@ def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
     logger = get_run_logger()
     start = time.perf_counter()
     catalog_path = str(Path(params.catalog).resolve())
-    catalog = load_catalog(catalog_path)
-    plan = plan_region(catalog_path, params.region, params.stages)
+    catalog = load_catalog(catalog_path, params.overrides)
+    plan = plan_region(catalog_path, params.region, params.stages, params.overrides)
     # cache records live in the artifact store: removing the workdir forgets them too
     staged = run_stage.with_options(result_storage=catalog.workdir_path / "_prefect")
     results: dict[str, StageResult] = {}
@@ -50,19 +60,28 @@ def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
         result = _result(stage, state)
         if not (result.path / SUCCESS).is_file():  # Prefect remembered an output that was removed
             logger.warning("%s: cached record points to a missing output; recomputing", stage)
-            result = _result(stage, staged.with_options(refresh_cache=True)(stage, plan, return_state=True))
+            result = _result(
+                stage, staged.with_options(refresh_cache=True)(stage, plan, return_state=True)
+            )
         logger.info("%s: %s in %.1f s", stage, result.status, result.seconds)
         results[stage] = result
     report = build_report(params.region, results)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    report_path = Path(params.report) if params.report else catalog.workdir_path / "reports" / f"{params.region}.json"
+    report_path = (
+        Path(params.report)
+        if params.report
+        else catalog.workdir_path / "reports" / f"{params.region}.json"
+    )
     write_report(report, report_path)
     (report_path.parent / f"{params.region}.catalog.yaml").write_text(dump_catalog(catalog))
     report["report_path"] = str(report_path.resolve())
     if report["downstream"]:
         create_table_artifact(
             key=f"botaclip-metrics-{params.region}".lower().replace("_", "-"),
-            table=[{k: r[k] for k in ("task", "features", "model", "metric", "value", "n_targets")} for r in report["downstream"]],
+            table=[
+                {k: r[k] for k in ("task", "features", "model", "metric", "value", "n_targets")}
+                for r in report["downstream"]
+            ],
             description=f"Downstream metrics, region {params.region} (spatially blocked CV)",
         )
     return report

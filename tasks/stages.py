@@ -18,10 +18,19 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="plan", retries=0, tags=["botaclip"])
-def plan_region(catalog_path: str, region: str, stages: list[str] | None) -> dict[str, Any]:
+def plan_region(
+    catalog_path: str,
+    region: str,
+    stages: list[str] | None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Keys of the stages to run (cheap: file fingerprints and settings)."""
-    catalog = load_catalog(catalog_path)
-    return Pipeline(catalog, region, catalog_path=catalog_path).plan(stages).to_dict()
+    catalog = load_catalog(catalog_path, overrides)
+    return (
+        Pipeline(catalog, region, catalog_path=catalog_path, overrides=overrides)
+        .plan(stages)
+        .to_dict()
+    )
 
 
 @task(
@@ -35,6 +44,6 @@ def plan_region(catalog_path: str, region: str, stages: list[str] | None) -> dic
 )
 def run_stage(stage: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Run one stage from its plan; returns the stage record (paths, key, status, seconds)."""
-    catalog = load_catalog(plan["catalog_path"])
+    catalog = load_catalog(plan["catalog_path"], plan.get("overrides"))
     pipeline = Pipeline(catalog, plan["region"], catalog_path=plan["catalog_path"])
     return pipeline.run_stage(RegionPlan.from_dict(plan), stage).record()

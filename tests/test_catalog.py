@@ -8,14 +8,20 @@ from botaclip_core.errors import CatalogError
 REGION = {
     "crs": "EPSG:2154",
     "resolution": 0.5,
-    "orthophotos": {"paths": ["ortho/*.tif"], "bands": ["red", "green", "blue"], "wavelengths_um": [0.665, 0.56, 0.49]},
+    "orthophotos": {
+        "paths": ["ortho/*.tif"],
+        "bands": ["red", "green", "blue"],
+        "wavelengths_um": [0.665, 0.56, 0.49],
+    },
 }
 
 
 def test_minimal_catalog_defaults_and_paths(tmp_path):
     cat = parse_catalog({"regions": {"r": REGION}}, base_dir=tmp_path)
     assert cat.workdir_path == (tmp_path / "work").resolve()
-    assert cat.finetune.loss == "infonce" and cat.finetune.lr == 1e-4 and cat.finetune.batch_size == 64
+    assert (
+        cat.finetune.loss == "infonce" and cat.finetune.lr == 1e-4 and cat.finetune.batch_size == 64
+    )
     assert cat.model.dofa.size == "base" and cat.model.dofa.weights is None
     assert "workdir: work" in dump_catalog(cat)
 
@@ -40,7 +46,11 @@ def test_dataset_references_and_csv_crs(tmp_path):
         parse_catalog({"regions": {"r": {**REGION, "releves": "plots"}}}, base_dir=tmp_path)
     with pytest.raises(CatalogError, match="needs 'crs'"):
         parse_catalog(
-            {"regions": {"r": REGION}, "datasets": {"b": {"kind": "presence_only", "path": "b.csv"}}}, base_dir=tmp_path
+            {
+                "regions": {"r": REGION},
+                "datasets": {"b": {"kind": "presence_only", "path": "b.csv"}},
+            },
+            base_dir=tmp_path,
         )
     with pytest.raises(CatalogError, match="must have kind 'releves'"):
         parse_catalog(

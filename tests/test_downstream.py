@@ -25,7 +25,9 @@ def test_spatial_blocks_group_neighbours():
 
 
 def test_presence_absence_learns_signal_and_not_noise():
-    Y = np.column_stack([(X[:, 0] + 0.3 * RNG.normal(size=N)) > 0, (X[:, 1] > 0.5), RNG.random(N) > 0.5]).astype(float)
+    Y = np.column_stack(
+        [(X[:, 0] + 0.3 * RNG.normal(size=N)) > 0, (X[:, 1] > 0.5), RNG.random(N) > 0.5]
+    ).astype(float)
     scores = evaluate_presence_absence(X, Y, XY, ["a", "b", "noise"], SETTINGS, block_size=200)
     assert scores.n_targets == 3
     assert scores.per_target["a"]["auc"] > 0.9 and scores.per_target["b"]["auc"] > 0.85
@@ -44,12 +46,16 @@ def test_presence_only_against_background():
     bg_xy = RNG.uniform(0, 1000, size=(400, 2))
     pres = RNG.normal(size=(80, D)) + np.r_[2.0, np.zeros(D - 1)]
     Y = np.ones((80, 1))
-    scores = evaluate_presence_only(pres, Y, RNG.uniform(0, 1000, (80, 2)), bg, bg_xy, ["sp"], SETTINGS, block_size=200)
+    scores = evaluate_presence_only(
+        pres, Y, RNG.uniform(0, 1000, (80, 2)), bg, bg_xy, ["sp"], SETTINGS, block_size=200
+    )
     assert scores.per_target["sp"]["auc"] > 0.8 and scores.per_target["sp"]["boyce"] > 0.5
 
 
 def test_abundance_spearman():
-    Y = np.column_stack([np.exp(X[:, 2] + 0.2 * RNG.normal(size=N)).round(), RNG.poisson(3, N)]).astype(float)
+    Y = np.column_stack(
+        [np.exp(X[:, 2] + 0.2 * RNG.normal(size=N)).round(), RNG.poisson(3, N)]
+    ).astype(float)
     scores = evaluate_abundance(X, Y, XY, ["signal", "noise"], SETTINGS, block_size=200)
     assert scores.per_target["signal"]["spearman"] > 0.7
     assert abs(scores.per_target["noise"]["spearman"]) < 0.3

@@ -60,14 +60,22 @@ def test_cli_reports_bad_catalog_clearly(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(bad)])
     assert result.exit_code == 2
     assert "unknown key 'orthophoto'" in result.output and "orthophotos" in result.output
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "missing.yaml"), "--region", "x", "--no-prefect"])
+    result = CliRunner().invoke(
+        app, ["run", str(tmp_path / "missing.yaml"), "--region", "x", "--no-prefect"]
+    )
     assert result.exit_code == 2 and "no such file" in result.output
 
 
 @pytest.mark.parametrize("stages", ["tile,embed"])
 def test_cli_runs_named_stages_without_targets(tmp_path, stages):
-    catalog = write_demo_region(tmp_path, size="tiny", catalog_overrides={"regions": {"demo": {"releves": None, "targets": []}}})
-    result = CliRunner().invoke(app, ["run", str(catalog), "--region", "demo", "--stages", stages, "--no-prefect"])
+    catalog = write_demo_region(
+        tmp_path,
+        size="tiny",
+        catalog_overrides={"regions": {"demo": {"releves": None, "targets": []}}},
+    )
+    result = CliRunner().invoke(
+        app, ["run", str(catalog), "--region", "demo", "--stages", stages, "--no-prefect"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "work" / "reports" / "demo.json").read_text())
     assert list(report["stages"]) == ["tile", "embed"] and list(report["embeddings"]) == ["dofa"]

@@ -41,7 +41,12 @@ def metric_table(report):
 def test_resolve_stages():
     assert resolve_stages(["downstream"], has_releves=True, has_targets=True) == list(STAGES)
     assert resolve_stages(["embed"], has_releves=False, has_targets=False) == ["tile", "embed"]
-    assert resolve_stages(None, has_releves=False, has_targets=True) == ["tile", "rasterize", "embed", "downstream"]
+    assert resolve_stages(None, has_releves=False, has_targets=True) == [
+        "tile",
+        "rasterize",
+        "embed",
+        "downstream",
+    ]
     with pytest.raises(CatalogError, match="unknown stage 'tiles'"):
         resolve_stages(["tiles"], has_releves=True, has_targets=True)
     with pytest.raises(CatalogError, match="needs the region's 'releves'"):
@@ -53,12 +58,18 @@ def test_report_follows_schema(tiny):
     assert report["region"] == "demo"
     assert list(report["stages"]) == list(STAGES)
     for stage in report["stages"].values():
-        assert stage["status"] == "completed" and stage["seconds"] >= 0 and Path(stage["output"]).is_dir()
+        assert (
+            stage["status"] == "completed"
+            and stage["seconds"] >= 0
+            and Path(stage["output"]).is_dir()
+        )
     written = json.loads((catalog.parent / "work" / "reports" / "demo.json").read_text())
     assert written["downstream"] == report["downstream"]
     assert set(report["embeddings"]) == {"dofa", "botaclip"}
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
-    assert pairs == {(t, f) for t in ("plants", "butterflies", "soil") for f in ("dofa", "botaclip")}
+    assert pairs == {
+        (t, f) for t in ("plants", "butterflies", "soil") for f in ("dofa", "botaclip")
+    }
     for r in report["downstream"]:
         lo = -1.0 if r["metric"] in ("spearman", "boyce") else 0.0
         assert lo <= r["value"] <= 1.0 and r["n_targets"] > 0, r
@@ -77,7 +88,12 @@ def test_outputs_are_georeferenced(tiny):
         emb = xr.open_zarr(report["embeddings"][name])
         t = emb.rio.crs, emb.rio.transform()
         assert t[0].to_epsg() == 2154
-        assert (t[1].a, t[1].e, t[1].c, t[1].f) == (112.0, -112.0, left, top)  # one cell per 224-px tile
+        assert (t[1].a, t[1].e, t[1].c, t[1].f) == (
+            112.0,
+            -112.0,
+            left,
+            top,
+        )  # one cell per 224-px tile
         assert emb["embedding"].dims == ("feature", "y", "x")
         assert np.isfinite(emb["embedding"].values).any()
 
@@ -96,7 +112,13 @@ def test_changes_rerun_only_what_they_affect(tiny):
     catalog.write_text(yaml.safe_dump(data))
     report = run(catalog)
     status = {k: v["status"] for k, v in report["stages"].items()}
-    assert status == {"tile": "cached", "rasterize": "cached", "finetune": "cached", "embed": "cached", "downstream": "completed"}
+    assert status == {
+        "tile": "cached",
+        "rasterize": "cached",
+        "finetune": "cached",
+        "embed": "cached",
+        "downstream": "completed",
+    }
 
     releves = catalog.parent / "demo-data" / "releves.gpkg"
     frame = gpd.read_file(releves, layer="releves")
@@ -104,15 +126,32 @@ def test_changes_rerun_only_what_they_affect(tiny):
     frame.to_file(releves, layer="releves", driver="GPKG")
     report = run(catalog)
     status = {k: v["status"] for k, v in report["stages"].items()}
-    assert status == {"tile": "cached", "rasterize": "completed", "finetune": "completed", "embed": "completed", "downstream": "completed"}
-    assert report["embeddings"]["dofa"] == first["embeddings"]["dofa"]  # the DOFA features were reused
+    assert status == {
+        "tile": "cached",
+        "rasterize": "completed",
+        "finetune": "completed",
+        "embed": "completed",
+        "downstream": "completed",
+    }
+    assert (
+        report["embeddings"]["dofa"] == first["embeddings"]["dofa"]
+    )  # the DOFA features were reused
     assert report["embeddings"]["botaclip"] != first["embeddings"]["botaclip"]
 
 
 def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
     _, reference = tiny
     catalog = write_demo_region(tmp_path, size="tiny")
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(catalog), "--region", "demo", "--no-prefect"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(catalog),
+        "--region",
+        "demo",
+        "--no-prefect",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = tmp_path / "work"
@@ -121,7 +160,9 @@ def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(work.glob("tile/*/_SUCCESS.json")) and not list(work.glob("downstream/*/_SUCCESS.json"))
+    assert list(work.glob("tile/*/_SUCCESS.json")) and not list(
+        work.glob("downstream/*/_SUCCESS.json")
+    )
     report = run(catalog)
     assert report["stages"]["tile"]["status"] == "cached"
     assert report["stages"]["rasterize"]["status"] == "cached"

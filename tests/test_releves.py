@@ -33,7 +33,9 @@ def check(table: SiteTable):
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".geojson", ".parquet"])
 def test_vector_formats(tmp_path, suffix):
-    gdf = gpd.GeoDataFrame(LONG.drop(columns=["x", "y"]), geometry=gpd.points_from_xy(LONG.x, LONG.y), crs="EPSG:2154")
+    gdf = gpd.GeoDataFrame(
+        LONG.drop(columns=["x", "y"]), geometry=gpd.points_from_xy(LONG.x, LONG.y), crs="EPSG:2154"
+    )
     path = tmp_path / f"releves{suffix}"
     gdf.to_parquet(path) if suffix == ".parquet" else gdf.to_file(path)
     check(sites_on_grid(SPEC, path, GRID, name="releves"))
@@ -52,7 +54,9 @@ def test_csv_in_lonlat_is_reprojected(tmp_path):
 def test_presence_without_value_and_roundtrip(tmp_path):
     path = tmp_path / "r.csv"
     LONG.to_csv(path, index=False)
-    spec = DatasetSpec(kind="presence_only", path="r.csv", crs="EPSG:2154", site_id="plot_id", species="taxon")
+    spec = DatasetSpec(
+        kind="presence_only", path="r.csv", crs="EPSG:2154", site_id="plot_id", species="taxon"
+    )
     table = sites_on_grid(spec, path, GRID, name="b")
     assert set(np.unique(table.values)) == {0.0, 1.0}
     table.save(tmp_path, "b")
@@ -65,7 +69,9 @@ def test_errors_name_file_field_and_fix(tmp_path):
     path = tmp_path / "r.csv"
     LONG.to_csv(path, index=False)
     spec = SPEC.model_copy(update={"crs": "EPSG:2154", "species": "species"})
-    with pytest.raises(InputDataError, match=r"column 'species' \(datasets.releves.species\) not found.*taxon"):
+    with pytest.raises(
+        InputDataError, match=r"column 'species' \(datasets.releves.species\) not found.*taxon"
+    ):
         sites_on_grid(spec, path, GRID, name="releves")
     far = LONG.assign(x=LONG.x + 1e5)
     far.to_csv(path, index=False)
