@@ -133,7 +133,7 @@ def train_botasp(data: TrainingData, settings: FinetuneSettings, out_dir: Path) 
 
     def train_epoch(gen: np.random.Generator) -> float:
         order = gen.permutation(train_idx)
-        views = gen.integers(0, n_views, size=n)
+        views = np.asarray(gen.integers(0, n_views, size=n))
         losses = []
         for s in range(0, len(order) - batch + 1, batch):  # drop the ragged last batch
             rows = order[s : s + batch]

@@ -171,7 +171,10 @@ class DownstreamSettings(StrictModel):
     C: float = Field(0.1, gt=0, description="Inverse L2 strength of the logistic models.")
     alpha: float = Field(10.0, gt=0, description="Ridge strength of the abundance models.")
     pca_components: int | None = Field(32, ge=1)
-    feature_sources: list[Literal["dofa", "botaclip"]] = ["dofa", "botaclip"]
+    feature_sources: list[Literal["dofa", "botaclip", "botasp"]] = Field(
+        default_factory=lambda: ["dofa", "botaclip", "botasp"],
+        description="Embeddings compared downstream: frozen DOFA, BotaCLIP, the supervised BotaSP baseline.",
+    )
     seed: int = 0
 
 

@@ -142,6 +142,8 @@ class BotaClipBackbone(nn.Module):
     The image embedding is DOFA's ``forward_features`` itself: no adapter.
     """
 
+    wavelengths_um: Tensor
+
     def __init__(
         self,
         dofa: DOFA,
@@ -303,7 +305,8 @@ def fit_epochs(
         The history (one dict per epoch) and the best epoch's metrics (``epoch`` -1 if none).
 
     Raises:
-        StageError: If the checkpoint was written with different settings.
+        StageError: If the checkpoint was written with different settings, or no epoch had a
+            finite validation loss.
 
     """
     history: list[dict[str, float]] = []
@@ -360,6 +363,12 @@ def fit_epochs(
         )
     (out_dir / f"{stem}{HISTORY}").write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / f"{stem}{CURVE}")
+    if best["epoch"] < 0:
+        raise StageError(
+            f"{label}: the validation loss was never finite ({[h['val_loss'] for h in history]}); "
+            f"no model was saved. Lower finetune.lr (now {settings.lr}) or check the inputs for "
+            f"NaN, then delete {ckpt_path} and rerun"
+        )
     return history, best
 
 
@@ -426,7 +435,7 @@ def train_adapter(data: TrainingData, settings: FinetuneSettings, out_dir: Path)
 
     def train_epoch(gen: np.random.Generator) -> float:
         order = gen.permutation(train_idx)
-        views = gen.integers(0, n_views, size=n)
+        views = np.asarray(gen.integers(0, n_views, size=n))
         losses = []
         for s in range(0, len(order) - batch + 1, batch):  # drop the ragged last batch
             rows = order[s : s + batch]
@@ -542,8 +551,20 @@ def crop_chip(chip: np.ndarray, aug: Augmentation, *, margin: int, size: int) ->
     return out
 
 
-class _PixelBatches:
-    """Turns plot indices + augmentations into normalised image tensors on the device."""
+class PixelBatches:
+    """Turns plot indices + augmentations into normalised DOFA inputs on the device.
+
+    Calling it with rows and per-plot augmentations (or None for the plain centre window)
+    returns ``(len(rows), bands, S, S)`` float32 images standardised with ``mean``/``std``.
+
+    Args:
+        chips: ``(n_plots, bands, S + 2 * margin, S + 2 * margin)`` DN, 0 = nodata.
+        margin: Pixels around the model window (the largest chip-centre shift).
+        mean: Per-band normalisation mean, in DN.
+        std: Per-band normalisation std, in DN.
+        device: Where the images go.
+
+    """
 
     def __init__(
         self,
@@ -567,6 +588,7 @@ class _PixelBatches:
         self.top = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else math.inf
 
     def __call__(self, rows: np.ndarray, augs: Sequence[Augmentation] | None) -> Tensor:
+        """Images of plots ``rows``; ``augs`` is indexed by plot (None: plain centre window)."""
         if augs is None:
             m, s = self.margin, self.size
             crops = np.ascontiguousarray(self.chips[rows][:, :, m : m + s, m : m + s])
@@ -588,10 +610,13 @@ class _PixelBatches:
         return (x - self.mean) / self.std
 
 
-def _precision(
+def precision_context(
     device: torch.device,
 ) -> tuple[Callable[[], contextlib.AbstractContextManager[Any]], str]:
-    """Autocast context for the backbone forward: bf16 on CUDA, plain fp32 elsewhere."""
+    """Return the autocast context factory for DOFA forwards and its name for the model card.
+
+    bf16 autocast on CUDA; plain fp32 elsewhere (CPU autocast is slower than fp32 on most CPUs).
+    """
     if device.type == "cuda":
         return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), "bf16 autocast"
     return contextlib.nullcontext, "fp32"
@@ -725,7 +750,7 @@ def train_backbone(
     train_idx, val_idx = split_plots(coords, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or settings.device)
-    autocast, precision = _precision(dev)
+    autocast, precision = precision_context(dev)
 
     with seeded(settings.seed):
         dofa = build_dofa(size, weights, seed=settings.seed)
@@ -738,7 +763,7 @@ def train_backbone(
     regularizer = build_regularizer(settings.regularizer, module=model.dofa).to(dev)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     rels = torch.from_numpy(releve_input(np.asarray(releves), settings.releve_input)).to(dev)
-    pixels = _PixelBatches(chips, margin=margin, mean=mean, std=std, device=dev)
+    pixels = PixelBatches(chips, margin=margin, mean=mean, std=std, device=dev)
     batch = min(settings.batch_size, len(train_idx))
     val_t = torch.from_numpy(val_idx).to(dev)
     waves = model.wavelengths_um
@@ -785,7 +810,11 @@ def train_backbone(
         tmp = out_dir / f".{BACKBONE}.tmp"
         save_dofa(export, tmp, format="torchgeo")
         os.replace(tmp, out_dir / BACKBONE)
-        heads = {k: v for k, v in cpu_state(model).items() if not k.startswith("dofa.")}
+        heads = {
+            f"{name}.{key}": value
+            for name in ("releve_encoder", "loss")
+            for key, value in cpu_state(model.get_submodule(name)).items()
+        }
         save_atomic(
             {
                 "model": heads,
@@ -872,9 +901,12 @@ def load_adapter(path: Path) -> BotaClip:
             f"({state.get('backbone', BACKBONE)} next to it) instead"
         )
     n_species = model_state["releve_encoder." + _first_linear_key(model_state)].shape[1]
-    settings = FinetuneSettings(releve_encoder="mlp" if _is_mlp(model_state) else "linear")
-    loss_name = "sigmoid" if "loss.logit_bias" in model_state else "infonce"
-    settings = settings.model_copy(update={"loss": loss_name})
+    settings = FinetuneSettings.model_validate(
+        {
+            "releve_encoder": "mlp" if _is_mlp(model_state) else "linear",
+            "loss": "sigmoid" if "loss.logit_bias" in model_state else "infonce",
+        }
+    )
     model = BotaClip(int(state["dim"]), int(n_species), settings)
     model.load_state_dict(model_state)
     model.eval()

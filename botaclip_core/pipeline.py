@@ -8,6 +8,7 @@ in-process for library users.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -255,7 +256,7 @@ class Pipeline:
             add(
                 "finetune",
                 {
-                    "finetune": self.catalog.finetune.model_dump(mode="json"),
+                    "finetune": self.catalog.finetune.model_dump(mode="json", exclude={"device"}),
                     "model": self._model_settings(),
                     "releves": self.region.releves,
                 },
@@ -378,19 +379,22 @@ class Pipeline:
         return max(1, (os.cpu_count() or 1) // local_workers(self.catalog.dask))
 
     def _build_finetune(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
-        from botaclip_core.finetune import TrainingData, train_adapter
+        from botaclip_core.finetune import TrainingData, train_adapter, train_backbone
         from botaclip_core.releves import SiteTable
 
         tile = self.upstream(plan, "tile")
         raster = self.upstream(plan, "rasterize")
         releves_name = self.region.releves
-        assert releves_name is not None  # planned only for regions with relevés
+        if releves_name is None:
+            raise StageError(f"region {self.region_name!r} has no 'releves' dataset to train on")
         table = SiteTable.load(Path(raster[releves_name]["sites"]).parent, releves_name)
         settings = self.catalog.finetune
         spec = self._backbone_spec(tile["dtype"])
+        # frozen-DOFA chip features: adapter training and BotaSP use them; any training change reuses them
         feat_settings = {
             "model": self._model_settings(),
             "views": settings.augment_views,
+            "max_shift": settings.max_shift,
             "seed": settings.seed,
         }
         feat_inputs = {
@@ -407,15 +411,48 @@ class Pipeline:
         )
         data = np.load(features.outputs["features"])
         keep = np.load(features.outputs["plots"])
+        coords = table.sites[["x", "y"]].to_numpy()[keep]
         train = TrainingData(
-            features=data,
-            releves=table.values[keep],
-            coords=table.sites[["x", "y"]].to_numpy()[keep],
-            species=table.species,
+            features=data, releves=table.values[keep], coords=coords, species=table.species
         )
-        summary = train_adapter(train, settings, out_dir)
+        if settings.mode == "adapter":
+            summary = train_adapter(train, settings, out_dir)
+        else:
+            summary = train_backbone(
+                self._plot_chips(Path(tile["zarr"]), table, keep, settings.max_shift),
+                table.values[keep],
+                coords,
+                table.species,
+                size=spec.size,
+                weights=spec.weights,
+                wavelengths_um=spec.wavelengths_um,
+                mean=spec.mean,
+                std=spec.std,
+                settings=settings,
+                out_dir=out_dir,
+            )
+        outputs: dict[str, Any] = {
+            "mode": settings.mode,
+            "model": summary["model"],
+            "backbone": summary.get("backbone"),
+            "model_card": str(out_dir / "model_card.json"),
+            "training_curve": str(out_dir / "training_curve.png"),
+            "best_val_loss": summary["best_val_loss"],
+            "val_recall_at_5": summary["val_recall_at_5"],
+            "features_status": features.status,
+        }
+        metrics = {k: v for k, v in summary.items() if k not in ("history", "card")}
+        if settings.botasp:
+            from botaclip_core.botasp import train_botasp
+
+            sp_summary = train_botasp(train, settings, out_dir)
+            outputs["botasp"] = sp_summary["model"]
+            outputs["botasp_val_auc"] = sp_summary["val_auc"]
+            metrics["botasp"] = {
+                k: v for k, v in sp_summary.items() if k not in ("history", "card")
+            }
         card = {
-            "model": "BotaCLIP adapter over frozen DOFA",
+            **summary.get("card", {}),
             "dofa": {
                 "size": spec.size,
                 "weights": spec.weights or "random initialisation (no pretrained weights)",
@@ -425,21 +462,27 @@ class Pipeline:
                 "tile_key": plan.key("tile"),
                 "rasterize_key": plan.key("rasterize"),
                 "features_key": features.key,
+                "releves_file": plan.stages["rasterize"].inputs[releves_name]["file"]
+                if "rasterize" in plan.stages
+                else None,
                 "n_plots": int(len(data)),
                 "n_species": len(table.species),
             },
-            "metrics": {k: v for k, v in summary.items() if k != "history"},
+            "metrics": metrics,
             "species": table.species,
         }
         atomic_write_json(out_dir / "model_card.json", card)
-        return {
-            "model": summary["model"],
-            "model_card": str(out_dir / "model_card.json"),
-            "training_curve": str(out_dir / "training_curve.png"),
-            "best_val_loss": summary["best_val_loss"],
-            "val_recall_at_5": summary["val_recall_at_5"],
-            "features_status": features.status,
-        }
+        return outputs
+
+    def _plot_chips(
+        self, image_zarr: Path, table: Any, keep: np.ndarray, margin: int
+    ) -> np.ndarray:
+        """Plain chips with a margin for shifts, around the kept plots (pixel training modes)."""
+        from botaclip_core.chips import ChipReader
+
+        reader = ChipReader(image_zarr, self.catalog.tiling.tile_size + 2 * margin)
+        rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
+        return np.stack([reader.read(int(rows[i]), int(cols[i])) for i in keep])
 
     def _build_chip_features(
         self, out_dir: Path, image_zarr: Path, table: Any, spec: Any
@@ -490,7 +533,7 @@ class Pipeline:
 
     def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
         from botaclip_core.cluster import dask_client
-        from botaclip_core.embed import embed_region, transform_embeddings
+        from botaclip_core.embed import embed_region
         from botaclip_core.features import load_backbone
 
         tile = self.upstream(plan, "tile")
@@ -528,21 +571,55 @@ class Pipeline:
             build_dofa,
         )
         outputs: dict[str, Any] = {"dofa": dofa.outputs["zarr"], "dofa_status": dofa.status}
-        if sp.inputs.get("finetune"):
+        if not sp.inputs.get("finetune"):
+            return outputs
+        trained = self.upstream(plan, "finetune")
+        attrs = {"finetune_key": plan.key("finetune"), "finetune_mode": trained["mode"]}
+        if trained["mode"] == "adapter":
             from botaclip_core.finetune import load_adapter
 
-            model = load_adapter(Path(self.upstream(plan, "finetune")["model"]))
-            weight = model.adapter.weight.detach().numpy().T.copy()
-            bias = model.adapter.bias.detach().numpy().copy()
-            transform_embeddings(
-                Path(dofa.outputs["zarr"]),
+            self._apply_adapter(
+                dofa.outputs["zarr"],
+                load_adapter(Path(trained["model"])).adapter,
                 out_dir / "botaclip.zarr",
-                lambda x: x @ weight + bias,
-                out_dim=weight.shape[1],
-                attrs={"source": "botaclip", "finetune_key": plan.key("finetune")},
+                {**attrs, "source": "botaclip"},
             )
-            outputs["botaclip"] = str(out_dir / "botaclip.zarr")
+        else:  # the fine-tuned backbone itself embeds the region (resumable block by block)
+            tuned = dataclasses.replace(spec, weights=trained["backbone"])
+            with dask_client(self.catalog.dask) as client:
+                embed_region(
+                    Path(tile["zarr"]),
+                    out_dir / "botaclip.zarr",
+                    spec=tuned,
+                    dim=dim,
+                    tile_size=self.catalog.tiling.tile_size,
+                    block_tiles=self.catalog.embed.block_tiles,
+                    client=client,
+                    attrs={**attrs, "source": "botaclip", "dofa_size": spec.size},
+                )
+        outputs["botaclip"] = str(out_dir / "botaclip.zarr")
+        if trained.get("botasp"):
+            from botaclip_core.botasp import load_botasp_adapter
+
+            self._apply_adapter(
+                dofa.outputs["zarr"],
+                load_botasp_adapter(Path(trained["botasp"])),
+                out_dir / "botasp.zarr",
+                {**attrs, "source": "botasp"},
+            )
+            outputs["botasp"] = str(out_dir / "botasp.zarr")
         return outputs
+
+    @staticmethod
+    def _apply_adapter(dofa_zarr: str, adapter: Any, out: Path, attrs: dict[str, Any]) -> None:
+        """Adapted embeddings of a DOFA Zarr: ``x @ W.T + b`` block by block."""
+        from botaclip_core.embed import transform_embeddings
+
+        weight = adapter.weight.detach().cpu().numpy().T.copy()
+        bias = adapter.bias.detach().cpu().numpy().copy()
+        transform_embeddings(
+            Path(dofa_zarr), out, lambda x: x @ weight + bias, out_dim=weight.shape[1], attrs=attrs
+        )
 
     def _build_downstream(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
         from botaclip_core.embed import sample_embeddings
@@ -638,7 +715,7 @@ def build_report(region: str, results: dict[str, StageResult]) -> dict[str, Any]
         }
     if "embed" in results:
         outs = results["embed"].outputs
-        report["embeddings"] = {k: outs[k] for k in ("dofa", "botaclip") if k in outs}
+        report["embeddings"] = {k: outs[k] for k in ("dofa", "botaclip", "botasp") if k in outs}
     if "finetune" in results:
         outs = results["finetune"].outputs
         report["model_card"] = outs.get("model_card")

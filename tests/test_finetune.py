@@ -242,7 +242,7 @@ def test_bf16_autocast_path_runs(tmp_path, monkeypatch, init_weights):
     # CUDA runs the DOFA forwards under bf16 autocast and the losses in fp32: exercise it on CPU
     monkeypatch.setattr(
         finetune,
-        "_precision",
+        "precision_context",
         lambda device: ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)), "bf16 autocast"),
     )
     settings = PIXEL_SETTINGS.model_copy(update={"epochs": 1, "regularizer": "similarity"})

@@ -43,7 +43,7 @@ def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     assert "Cached" in states  # the UI shows the rerun as Cached
     table = next(a for a in artifacts if a.key == "botaclip-metrics-demo")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["features"] for r in rows} == {"dofa", "botaclip"}
+    assert {r["features"] for r in rows} == {"dofa", "botaclip", "botasp"}
 
     # the workdir removed behind Prefect's back: the stale cache record is not trusted
     import shutil

@@ -65,10 +65,10 @@ def test_report_follows_schema(tiny):
         )
     written = json.loads((catalog.parent / "work" / "reports" / "demo.json").read_text())
     assert written["downstream"] == report["downstream"]
-    assert set(report["embeddings"]) == {"dofa", "botaclip"}
+    assert set(report["embeddings"]) == {"dofa", "botaclip", "botasp"}
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
     assert pairs == {
-        (t, f) for t in ("plants", "butterflies", "soil") for f in ("dofa", "botaclip")
+        (t, f) for t in ("plants", "butterflies", "soil") for f in ("dofa", "botaclip", "botasp")
     }
     for r in report["downstream"]:
         lo = -1.0 if r["metric"] in ("spearman", "boyce") else 0.0
@@ -84,7 +84,7 @@ def test_outputs_are_georeferenced(tiny):
     left, top = image.rio.transform().c, image.rio.transform().f
     assert image.rio.transform().a == 0.5 and image.rio.transform().e == -0.5
     assert image["image"].dims == ("band", "y", "x") and image["image"].dtype == np.uint8
-    for name in ("dofa", "botaclip"):
+    for name in ("dofa", "botaclip", "botasp"):
         emb = xr.open_zarr(report["embeddings"][name])
         t = emb.rio.crs, emb.rio.transform()
         assert t[0].to_epsg() == 2154
