@@ -46,7 +46,9 @@ class OrthophotoSpec(StrictModel):
                 )
         for w in self.wavelengths_um:
             if not 0.3 <= w <= 15.0:
-                raise ValueError(f"wavelength {w} is not in µm (expected 0.3–15, e.g. 0.665 for red)")
+                raise ValueError(
+                    f"wavelength {w} is not in µm (expected 0.3–15, e.g. 0.665 for red)"
+                )
         return self
 
 
@@ -165,7 +167,9 @@ class DownstreamSettings(StrictModel):
     """Species models on embeddings."""
 
     folds: int = Field(5, ge=2)
-    block_size_m: float | None = Field(None, gt=0, description="Spatial CV block; default: 1/5 of the region")
+    block_size_m: float | None = Field(
+        None, gt=0, description="Spatial CV block; default: 1/5 of the region"
+    )
     n_background: int = Field(1000, ge=10)
     min_presences: int = Field(5, ge=2)
     C: float = Field(0.1, gt=0, description="Inverse L2 strength of the logistic models.")
@@ -231,7 +235,9 @@ class Catalog(StrictModel):
                     "for lon/lat) and the coordinate columns 'x' and 'y'"
                 )
             if ds.kind == "abundance" and ds.value is None:
-                raise ValueError(f"datasets.{dname}: kind 'abundance' needs 'value' (the count column)")
+                raise ValueError(
+                    f"datasets.{dname}: kind 'abundance' needs 'value' (the count column)"
+                )
         return self
 
     # resolution of relative paths -------------------------------------------------------
@@ -290,7 +296,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
             current = current.__args__[-1]
         else:
             return []
-    return [n for n, f in current.model_fields.items() if not f.exclude] if _is_model(current) else []
+    return (
+        [n for n, f in current.model_fields.items() if not f.exclude] if _is_model(current) else []
+    )
 
 
 def _is_model(obj: Any) -> bool:
@@ -324,7 +332,9 @@ def parse_catalog(data: dict[str, Any], *, base_dir: Path, source: str = "catalo
         CatalogError: with one line per invalid field.
     """
     if not isinstance(data, dict):
-        raise CatalogError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+        raise CatalogError(
+            f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}"
+        )
     try:
         catalog = Catalog.model_validate(data)
     except ValidationError as exc:

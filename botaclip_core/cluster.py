@@ -15,6 +15,21 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
+def compute_client(settings: DaskSettings) -> Iterator[Client | None]:
+    """A client for model inference, or None to run blocks in this process.
+
+    With no scheduler address and a single local worker (a 2–3 core laptop), a LocalCluster only
+    adds start-up time: torch already uses every core in this process.
+    """
+    if settings.address or local_workers(settings) > 1:
+        with dask_client(settings) as client:
+            yield client
+    else:
+        logger.info("dask: one local worker would only add start-up time; embedding in-process")
+        yield None
+
+
+@contextlib.contextmanager
 def dask_client(settings: DaskSettings, *, n_workers: int | None = None) -> Iterator[Client]:
     """A Dask client for the duration of a stage.
 

@@ -1,4 +1,7 @@
-"""Species models on embeddings with spatially blocked cross-validation."""
+"""Species models on embeddings with spatially blocked cross-validation.
+
+The ``evaluate_*`` functions take features already projected with :func:`fit_projector`.
+"""
 
 from __future__ import annotations
 
@@ -53,16 +56,19 @@ def _folds(groups: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarra
     return list(GroupKFold(n_splits=min(n_folds, n_groups)).split(groups, groups=groups))
 
 
-def _projector(n_train: int, dim: int, settings: DownstreamSettings) -> Pipeline:
+def fit_projector(landscape: np.ndarray, settings: DownstreamSettings) -> Pipeline:
+    """Standardisation + whitened PCA fitted on a random sample of the landscape's embeddings.
+
+    Fitting on background points rather than on sites keeps labels and held-out sites out of
+    the basis, and lets every species and fold share one projection.
+    """
     steps: list = [StandardScaler()]
     if settings.pca_components:
+        n = min(settings.pca_components, len(landscape) - 1, landscape.shape[1])
         steps.append(
-            PCA(
-                n_components=min(settings.pca_components, n_train - 1, dim),
-                random_state=settings.seed,
-            )
+            PCA(n_components=n, whiten=False, svd_solver="full", random_state=settings.seed)
         )
-    return make_pipeline(*steps)
+    return make_pipeline(*steps).fit(landscape)
 
 
 def true_skill_statistic(y: np.ndarray, score: np.ndarray) -> float:
@@ -93,8 +99,7 @@ def _classify_oof(
     """Out-of-fold presence probabilities for every column of ``Y`` (NaN where not scorable)."""
     oof = np.full(Y.shape, np.nan)
     for train, test in _folds(groups, settings.folds):
-        proj = _projector(len(train), X.shape[1], settings).fit(X[train])
-        Xtr, Xte = proj.transform(X[train]), proj.transform(X[test])
+        Xtr, Xte = X[train], X[test]
         for j in range(Y.shape[1]):
             y = Y[train, j]
             if y.min() == y.max():
@@ -174,9 +179,8 @@ def evaluate_abundance(
     target = np.log1p(Y)
     oof = np.full(Y.shape, np.nan)
     for train, test in _folds(spatial_blocks(xy, block_size), settings.folds):
-        proj = _projector(len(train), X.shape[1], settings).fit(X[train])
-        model = Ridge(alpha=settings.alpha).fit(proj.transform(X[train]), target[train])
-        oof[test] = model.predict(proj.transform(X[test])).reshape(len(test), -1)
+        model = Ridge(alpha=settings.alpha).fit(X[train], target[train])
+        oof[test] = model.predict(X[test]).reshape(len(test), -1)
     per = {}
     for j, name in enumerate(groups_names):
         if np.ptp(target[:, j]) == 0:

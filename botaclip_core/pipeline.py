@@ -8,6 +8,7 @@ in-process for library users.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -303,13 +304,13 @@ class Pipeline:
         from botaclip_core.tiling import tile_orthophotos
 
         ortho = self.region.orthophotos
-        client_ctx = None
-        if self.catalog.dask.address:
-            from botaclip_core.cluster import dask_client
+        # GDAL releases the GIL: local threads beat processes; a remote scheduler spreads the I/O
+        with contextlib.ExitStack() as stack:
+            client = None
+            if self.catalog.dask.address:
+                from botaclip_core.cluster import dask_client
 
-            client_ctx = dask_client(self.catalog.dask)
-        client = client_ctx.__enter__() if client_ctx else None
-        try:
+                client = stack.enter_context(dask_client(self.catalog.dask))
             result = tile_orthophotos(
                 self.catalog.orthophoto_files(self.region_name),
                 out_dir / "image.zarr",
@@ -323,9 +324,6 @@ class Pipeline:
                 workers=self.catalog.tiling.workers,
                 dask_client=client,
             )
-        finally:
-            if client_ctx:
-                client_ctx.__exit__(None, None, None)
         return {
             "zarr": str(result.path),
             "grid": result.grid.to_dict(),
@@ -532,9 +530,9 @@ class Pipeline:
         }
 
     def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
-        from botaclip_core.cluster import dask_client
+        from botaclip_core.cluster import compute_client
         from botaclip_core.embed import embed_region
-        from botaclip_core.features import load_backbone
+        from botaclip_core.models.dofa import DOFA_SIZES
 
         tile = self.upstream(plan, "tile")
         spec = self._backbone_spec(tile["dtype"])
@@ -544,10 +542,10 @@ class Pipeline:
             "block_tiles": self.catalog.embed.block_tiles,
             "seed": spec.seed,
         }
-        dim = int(load_backbone(spec.size, spec.weights, spec.seed).embed_dim)
+        dim = DOFA_SIZES[spec.size].embed_dim
 
         def build_dofa(d: Path) -> dict[str, Any]:
-            with dask_client(self.catalog.dask) as client:
+            with compute_client(self.catalog.dask) as client:
                 return embed_region(
                     Path(tile["zarr"]),
                     d / "dofa.zarr",
@@ -586,7 +584,7 @@ class Pipeline:
             )
         else:  # the fine-tuned backbone itself embeds the region (resumable block by block)
             tuned = dataclasses.replace(spec, weights=trained["backbone"])
-            with dask_client(self.catalog.dask) as client:
+            with compute_client(self.catalog.dask) as client:
                 embed_region(
                     Path(tile["zarr"]),
                     out_dir / "botaclip.zarr",
@@ -633,6 +631,11 @@ class Pipeline:
         grid = plan.grid
         block = settings.block_size_m or max(grid.width, grid.height) * grid.resolution / 5.0
         background = self._background(Path(emb["dofa"]), settings, tile_size)
+        landscape, projectors = {}, {}
+        for source, path in sources.items():
+            raw = sample_embeddings(path, background["rows"], background["cols"], tile_size)
+            projectors[source] = ds_models.fit_projector(raw, settings)
+            landscape[source] = projectors[source].transform(raw)
         rows: list[dict[str, Any]] = []
         per_target: dict[str, Any] = {}
         for name in self.region.targets:
@@ -641,19 +644,20 @@ class Pipeline:
             r, c = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
             xy = table.sites[["x", "y"]].to_numpy()
             for source, path in sources.items():
+                proj = projectors[source]
                 X = sample_embeddings(path, r, c, tile_size)
                 ok = ~np.isnan(X).any(axis=1)
+                X = proj.transform(X[ok])
                 if kind == "presence_absence":
                     scores = ds_models.evaluate_presence_absence(
-                        X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block
+                        X, table.values[ok], xy[ok], table.species, settings, block_size=block
                     )
                 elif kind == "presence_only":
-                    bX = sample_embeddings(path, background["rows"], background["cols"], tile_size)
                     scores = ds_models.evaluate_presence_only(
-                        X[ok],
+                        X,
                         table.values[ok],
                         xy[ok],
-                        bX,
+                        landscape[source],
                         background["xy"],
                         table.species,
                         settings,
@@ -661,7 +665,7 @@ class Pipeline:
                     )
                 else:
                     scores = ds_models.evaluate_abundance(
-                        X[ok], table.values[ok], xy[ok], table.species, settings, block_size=block
+                        X, table.values[ok], xy[ok], table.species, settings, block_size=block
                     )
                 if not scores.n_targets:
                     logger.warning(

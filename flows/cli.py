@@ -21,6 +21,9 @@ from rich.table import Table  # noqa: E402
 
 from botaclip_core.errors import BotaclipError  # noqa: E402
 
+# botaclip_core logs progress at INFO; Prefect forwards it to the UI through the extra-loggers setting
+logging.getLogger("botaclip_core").setLevel(logging.INFO)
+
 app = typer.Typer(
     help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.",
     no_args_is_help=True,
