@@ -38,7 +38,7 @@ STAGES = ("tile", "rasterize", "finetune", "embed", "downstream")
 DEPENDS = {
     "tile": (),
     "rasterize": (),
-    "finetune": ("tile", "rasterize"),
+    "finetune": ("rasterize",),  # chips are read from the orthophotos: no tiling needed
     "embed": ("tile", "finetune"),
     "downstream": ("embed", "rasterize"),
 }
@@ -380,14 +380,13 @@ class Pipeline:
         from botaclip_core.finetune import TrainingData, train_adapter, train_backbone
         from botaclip_core.releves import SiteTable
 
-        tile = self.upstream(plan, "tile")
         raster = self.upstream(plan, "rasterize")
         releves_name = self.region.releves
         if releves_name is None:
             raise StageError(f"region {self.region_name!r} has no 'releves' dataset to train on")
         table = SiteTable.load(Path(raster[releves_name]["sites"]).parent, releves_name)
         settings = self.catalog.finetune
-        spec = self._backbone_spec(tile["dtype"])
+        spec = self._backbone_spec(self._imagery_dtype())
         # frozen-DOFA chip features: adapter training and BotaSP use them; any training change reuses them
         feat_settings = {
             "model": self._model_settings(),
@@ -405,7 +404,7 @@ class Pipeline:
             VERSIONS["features"],
             feat_settings,
             feat_inputs,
-            lambda d: self._build_chip_features(d, Path(tile["zarr"]), table, spec),
+            lambda d: self._build_chip_features(d, table, spec),
         )
         data = np.load(features.outputs["features"])
         keep = np.load(features.outputs["plots"])
@@ -417,7 +416,7 @@ class Pipeline:
             summary = train_adapter(train, settings, out_dir)
         else:
             summary = train_backbone(
-                self._plot_chips(Path(tile["zarr"]), table, keep, settings.max_shift),
+                self._plot_chips(table, keep, settings.max_shift),
                 table.values[keep],
                 coords,
                 table.species,
@@ -482,18 +481,38 @@ class Pipeline:
         rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
         return np.stack([reader.read(int(rows[i]), int(cols[i])) for i in keep])
 
-    def _build_chip_features(
-        self, out_dir: Path, image_zarr: Path, table: Any, spec: Any
-    ) -> dict[str, Any]:
-        import zarr
+    def _imagery_dtype(self) -> str:
+        """Data type of the orthophotos (the first file's; tiling checks they agree)."""
+        import rasterio
 
-        from botaclip_core.chips import ChipReader, draw_augmentations
+        with rasterio.open(self.catalog.orthophoto_files(self.region_name)[0]) as ds:
+            return str(ds.dtypes[0])
+
+    def _chip_reader(self, size: int) -> Any:
+        """Chips around plots straight from the orthophotos, on the region grid."""
+        from botaclip_core.chips import SourceChipReader
+
+        ortho = self.region.orthophotos
+        return SourceChipReader(
+            self.catalog.orthophoto_files(self.region_name),
+            self.grid,
+            size,
+            nodata=ortho.nodata,
+            resampling=ortho.resampling,
+        )
+
+    def _build_chip_features(self, out_dir: Path, table: Any, spec: Any) -> dict[str, Any]:
+        from botaclip_core.chips import draw_augmentations
         from botaclip_core.features import encode_tiles, load_backbone
 
-        reader = ChipReader(image_zarr, self.catalog.tiling.tile_size)
+        reader = self._chip_reader(self.catalog.tiling.tile_size)
         rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
-        valid = zarr.open_group(str(image_zarr), mode="r")["valid"]
-        keep = np.asarray(valid.vindex[rows, cols]) > 0
+        keep = np.array(
+            [
+                reader.read_with_mask(int(r), int(c), 1)[1][0, 0]
+                for r, c in zip(rows, cols, strict=True)
+            ]
+        )
         if keep.sum() < 8:
             raise StageError(
                 f"only {int(keep.sum())} of {len(rows)} relevé plots fall on valid orthophoto pixels; "
@@ -510,7 +529,9 @@ class Pipeline:
                 reader.read(int(rows[idx]), int(cols[idx]), aug)
                 for idx in plots[start : start + group]
                 for aug in draw_augmentations(
-                    views, seed=self.catalog.finetune.seed * 1_000_003 + int(idx)
+                    views,
+                    seed=self.catalog.finetune.seed * 1_000_003 + int(idx),
+                    max_shift=self.catalog.finetune.max_shift,
                 )
             ]
             out = encode_tiles(
@@ -520,6 +541,7 @@ class Pipeline:
             logger.info(
                 "features: %d / %d plots encoded", min(start + group, len(plots)), len(plots)
             )
+        reader.close()
         np.save(out_dir / "features.npy", feats)
         np.save(out_dir / "plots.npy", plots)
         return {
