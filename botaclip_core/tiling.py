@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +47,22 @@ _KERNEL_PAD = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
 _GDAL_ENV = {
     # blocks are processed in parallel already: one GDAL thread per block avoids oversubscription
     "GDAL_NUM_THREADS": 1,
-    # per-process block cache, bounded so that memory does not grow with the region
-    "GDAL_CACHEMAX": 256 * 2**20,  # bytes: rasterio passes small integers as bytes
+    # aligned sources are read whole tile by tile into _TILES, so GDAL's own cache (per handle,
+    # hence per thread) only serves warped reads; small, so the two caches do not add up
+    "GDAL_CACHEMAX": 64 * 2**20,  # bytes: rasterio passes small integers as bytes
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "VSI_CACHE": True,
 }
 _BLOCKS_PER_TASK = 64  # 8×8 blocks per Dask task: neighbours share decompressed source tiles
 _TASK_SIDE = 8
-_BLOCKS_PER_WAVE = 4096  # graph size bound: one wave of tasks at a time
+# tasks are ordered in vertical stripes of this many task columns, top to bottom: a source tile
+# shared by two tasks is then reused from _TILES after a bounded delay, whatever the region width
+_STRIPE_TASKS = 4
+_BLOCKS_PER_WAVE = 16384  # graph size bound: one wave of tasks at a time
 _MAX_OPEN_PER_THREAD = 8  # tasks are spatially compact: few sources are live at once
+# decoded source tiles kept per process; holds a stripe's row of tasks with room to spare
+_TILE_CACHE_BYTES = 192 * 2**20
+_MIN_TILE_SIDE = 256  # source tiles (or strips) are read in units of at least this many pixels
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ class _Source:
     dtype: str
     nodata: float | None
     has_mask: bool
+    tile: tuple[int, int]  # (rows, cols) read and cached at a time: whole internal blocks
+    stamp: tuple[int, int]  # (size, mtime_ns): cached tiles of a rewritten file are not reused
     footprint: tuple[float, float, float, float]  # (left, bottom, right, top) in grid CRS
     offset: tuple[int, int] | None  # (row, col) of the source's (0, 0) pixel on the grid if aligned
     date: float  # acquisition time (POSIX seconds) for newest_first
@@ -279,6 +289,8 @@ def tile_orthophotos(
             n_empty += empty
         logger.debug("tiling %s: %d written, %d empty so far", out, n_written, n_empty)
 
+    if dask_client is None:
+        _TILES.clear()  # the next run may tile other sources; workers of a client keep theirs
     _consolidate(out)
     logger.info(
         "tiled %s: %d blocks written, %d empty, %d resumed", out, n_written, n_empty, n_skipped
@@ -437,10 +449,20 @@ def _inspect_source(
             dtype=ds.dtypes[0],
             nodata=nodata if nodata is not None else ds.nodata,
             has_mask=has_mask and nodata is None,
+            tile=_cache_tile_shape(ds),
+            stamp=(path.stat().st_size, path.stat().st_mtime_ns),
             footprint=footprint,
             offset=_aligned_offset(ds, grid),
             date=_acquisition_time(ds, path),
         )
+
+
+def _cache_tile_shape(ds: Any) -> tuple[int, int]:
+    """Whole internal blocks, at least _MIN_TILE_SIDE on a side, no larger than the raster."""
+    bh, bw = ds.block_shapes[0]
+    th = bh * math.ceil(_MIN_TILE_SIDE / bh)
+    tw = bw * math.ceil(_MIN_TILE_SIDE / bw)
+    return min(th, ds.height), min(tw, ds.width)
 
 
 def _order_sources(infos: list[_Source], precedence: str) -> list[_Source]:
@@ -492,13 +514,17 @@ def _candidate_blocks(
 def _group_tasks(
     block_ids: np.ndarray, src_lists: list[np.ndarray], infos: list[_Source], n_bcols: int
 ) -> list[tuple[list[int], list[list[int]], list[_Source]]]:
-    """Group blocks into spatially compact tasks (8×8 blocks) that carry only their sources."""
+    """Group blocks into spatially compact tasks (8×8 blocks) that carry only their sources.
+
+    Tasks come in stripe order (see _STRIPE_TASKS), row-major within a stripe.
+    """
     if block_ids.size == 0:
         return []
     rows, cols = block_ids // n_bcols, block_ids % n_bcols
     n_scols = math.ceil(n_bcols / _TASK_SIDE)
     super_ids = (rows // _TASK_SIDE) * n_scols + cols // _TASK_SIDE
-    order = np.lexsort((block_ids, super_ids))
+    stripes = cols // (_TASK_SIDE * _STRIPE_TASKS)
+    order = np.lexsort((block_ids, super_ids, stripes))
     tasks = []
     current: int | None = None
     blocks: list[int] = []
@@ -602,8 +628,10 @@ def _write_metadata(
     from zarr.codecs import ZstdCodec
 
     n = len(bands)
-    image = da.zeros((n, grid.height, grid.width), dtype=dtype, chunks=(n, tile_size, tile_size))
-    valid = da.zeros((grid.height, grid.width), dtype=np.uint8, chunks=(tile_size, tile_size))
+    # one Dask chunk per array: nothing is computed, and a graph of one task per Zarr chunk took
+    # seconds to build on large regions
+    image = da.zeros((n, grid.height, grid.width), dtype=dtype, chunks=-1)
+    valid = da.zeros((grid.height, grid.width), dtype=np.uint8, chunks=-1)
     band_attrs = {"bands": list(bands), "wavelengths_um": [float(w) for w in wavelengths_um]}
     ds = georeferenced_dataset(
         grid,
@@ -718,6 +746,7 @@ class _ChunkWriter:
         )
         self.array: Any = None
         self.codec: Any = None
+        self._made: set[str] = set()
         if direct:
             from numcodecs.zstd import Zstd
 
@@ -744,9 +773,18 @@ class _ChunkWriter:
             data = full
         payload = self.codec.encode(np.ascontiguousarray(data, dtype=self.dtype))
         directory = os.path.join(self.path, "c", *map(str, chunk_index[:-1]))
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, str(chunk_index[-1])), "wb") as fh:
-            fh.write(payload)
+        if directory not in self._made:
+            os.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
+        fd = os.open(
+            os.path.join(directory, str(chunk_index[-1])), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        )
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
 
 def _zarr_writers(out: str) -> tuple[_ChunkWriter, _ChunkWriter]:
@@ -760,37 +798,133 @@ def _zarr_writers(out: str) -> tuple[_ChunkWriter, _ChunkWriter]:
     return writers
 
 
+_Piece = tuple[slice, slice, np.ndarray, np.ndarray | None]
+"""(block rows, block cols, data (band, y, x), valid (y, x) or None where all valid)."""
+
+
 def _valid_from_values(data: np.ndarray, nodata: float | None) -> np.ndarray | None:
     if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)):
         return None
-    return (data != nodata).any(axis=0)
+    # band by band: no (band, y, x) boolean temporary
+    valid = data[0] != nodata
+    for band in data[1:]:
+        valid |= band != nodata
+    return valid
 
 
-def _read_aligned(
-    src: _Source, job: _Job, r0: int, c0: int, h: int, w: int
-) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]] | None:
-    """Exact copy of the part of an aligned source inside block (r0, c0, h, w)."""
-    assert src.offset is not None
-    orow, ocol = src.offset
-    rr0, rr1 = max(r0, orow), min(r0 + h, orow + src.height)
-    cc0, cc1 = max(c0, ocol), min(c0 + w, ocol + src.width)
-    if rr0 >= rr1 or cc0 >= cc1:
-        return None
-    ds = _dataset(src.path)
-    window = Window(cc0 - ocol, rr0 - orow, cc1 - cc0, rr1 - rr0)
-    data = ds.read(window=window)
+def _source_valid(ds: Any, src: _Source, data: np.ndarray, window: Window) -> np.ndarray:
     valid = _valid_from_values(data, src.nodata)
     if valid is None:
         if src.has_mask:
             valid = ds.dataset_mask(window=window) > 0
         else:
             valid = np.ones(data.shape[1:], dtype=bool)
-    return data, valid, (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
+    return valid
 
 
-def _read_warped(
-    src: _Source, job: _Job, r0: int, c0: int, h: int, w: int
-) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]] | None:
+class _TileCache:
+    """Decoded source tiles shared by the threads of a process, least recently used out first.
+
+    Neighbouring blocks (and tasks, run by different threads) need the same source tiles: each
+    tile is decoded once, by the first thread that needs it, while the others wait for it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._tiles: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, src: _Source, trow: int, tcol: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(data, valid or None where all valid) of tile (trow, tcol) of an aligned source."""
+        key = (src.path, src.stamp, repr(src.nodata), src.has_mask, trow, tcol)
+        while True:
+            with self._lock:
+                entry = self._tiles.get(key)
+                if entry is None:
+                    pending = self._tiles[key] = threading.Event()
+                    break
+                if not isinstance(entry, threading.Event):
+                    self._tiles.move_to_end(key)
+                    return entry  # type: ignore[no-any-return]
+            entry.wait()  # another thread is decoding it; if that failed, try ourselves
+        try:
+            tile = self._decode(src, trow, tcol)
+        except BaseException:
+            with self._lock:
+                del self._tiles[key]
+            pending.set()
+            raise
+        data, valid = tile
+        with self._lock:
+            self._tiles[key] = tile
+            self._bytes += data.nbytes + (0 if valid is None else valid.nbytes)
+            self._evict()
+        pending.set()
+        return tile
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in [k for k, v in self._tiles.items() if not isinstance(v, threading.Event)]:
+                del self._tiles[key]
+            self._bytes = 0
+
+    def _evict(self) -> None:
+        if self._bytes <= self.max_bytes:
+            return
+        for key in list(self._tiles):
+            entry = self._tiles[key]
+            if isinstance(entry, threading.Event):
+                continue
+            del self._tiles[key]
+            data, valid = entry
+            self._bytes -= data.nbytes + (0 if valid is None else valid.nbytes)
+            if self._bytes <= self.max_bytes:
+                return
+
+    @staticmethod
+    def _decode(src: _Source, trow: int, tcol: int) -> tuple[np.ndarray, np.ndarray | None]:
+        th, tw = src.tile
+        row, col = trow * th, tcol * tw
+        window = Window(col, row, min(tw, src.width - col), min(th, src.height - row))
+        ds = _dataset(src.path)
+        data = ds.read(window=window)
+        valid = _source_valid(ds, src, data, window)
+        return data, (None if valid.all() else valid)
+
+
+_TILES = _TileCache(_TILE_CACHE_BYTES)
+
+
+def _read_aligned(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> list[_Piece]:
+    """Exact copy of the part of an aligned source inside block (r0, c0, h, w), tile by tile."""
+    assert src.offset is not None
+    orow, ocol = src.offset
+    # the block in source pixels, clipped to the source
+    sr0, sr1 = max(r0 - orow, 0), min(r0 + h - orow, src.height)
+    sc0, sc1 = max(c0 - ocol, 0), min(c0 + w - ocol, src.width)
+    if sr0 >= sr1 or sc0 >= sc1:
+        return []
+    th, tw = src.tile
+    pieces = []
+    for trow in range(sr0 // th, (sr1 - 1) // th + 1):
+        a0, a1 = max(sr0, trow * th), min(sr1, (trow + 1) * th)
+        for tcol in range(sc0 // tw, (sc1 - 1) // tw + 1):
+            b0, b1 = max(sc0, tcol * tw), min(sc1, (tcol + 1) * tw)
+            data, valid = _TILES.get(src, trow, tcol)
+            ty, tx = slice(a0 - trow * th, a1 - trow * th), slice(b0 - tcol * tw, b1 - tcol * tw)
+            pieces.append(
+                (
+                    slice(a0 + orow - r0, a1 + orow - r0),
+                    slice(b0 + ocol - c0, b1 + ocol - c0),
+                    data[:, ty, tx],
+                    None if valid is None else valid[ty, tx],
+                )
+            )
+    return pieces
+
+
+def _read_warped(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> list[_Piece]:
     """Warp the part of a source around block (r0, c0, h, w) onto the block, with its mask."""
     grid = job.grid
     dst_transform = grid.transform * Affine.translation(c0, r0)
@@ -806,7 +940,7 @@ def _read_warped(
     xs = inv.a * sx + inv.b * sy + inv.c
     ys = inv.d * sx + inv.e * sy + inv.f
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
-        return None
+        return []
     pad = _KERNEL_PAD[job.resampling]
     if job.resampling == "average":
         # average spans the whole destination pixel: pad by the scale ratio
@@ -816,17 +950,12 @@ def _read_warped(
     row0 = max(math.floor(ys.min()) - pad, 0)
     row1 = min(math.ceil(ys.max()) + pad, src.height)
     if col0 >= col1 or row0 >= row1:
-        return None
+        return []
     window = Window(col0, row0, col1 - col0, row1 - row0)
     data = ds.read(window=window)
-    valid = _valid_from_values(data, src.nodata)
-    if valid is None:
-        if src.has_mask:
-            valid = ds.dataset_mask(window=window) > 0
-        else:
-            valid = np.ones(data.shape[1:], dtype=bool)
+    valid = _source_valid(ds, src, data, window)
     if not valid.any():
-        return None
+        return []
     n = data.shape[0]
     stack = np.empty((n + 1, *data.shape[1:]), dtype=data.dtype)
     stack[:n] = data
@@ -847,7 +976,7 @@ def _read_warped(
         SRC_ALPHA_MAX=255,
         DST_ALPHA_MAX=255,
     )
-    return dest[:n], dest[n] > 0, (slice(0, h), slice(0, w))
+    return [(slice(0, h), slice(0, w), dest[:n], dest[n] > 0)]
 
 
 def _compose_block(
@@ -862,23 +991,25 @@ def _compose_block(
     filled: np.ndarray | None = None
     for src in srcs:
         reader = _read_aligned if src.offset is not None else _read_warped
-        got = reader(src, job, r0, c0, h, w)
-        if got is None:
-            continue
-        data, valid, (ys, xs) = got
-        if not valid.any():
-            continue
-        if image is None or filled is None:
-            image = np.zeros((job.n_bands, h, w), dtype=job.dtype)
-            filled = np.zeros((h, w), dtype=bool)
-        if filled[ys, xs].any():
-            take = valid & ~filled[ys, xs]
-            image[:, ys, xs] = np.where(take, data, image[:, ys, xs])
-            filled[ys, xs] |= take
-        else:
-            image[:, ys, xs] = data * valid if not valid.all() else data
-            filled[ys, xs] = valid
-        if filled.all():
+        for ys, xs, data, valid in reader(src, job, r0, c0, h, w):
+            if valid is not None and not valid.any():
+                continue
+            if image is None or filled is None:
+                image = np.zeros((job.n_bands, h, w), dtype=job.dtype)
+                filled = np.zeros((h, w), dtype=bool)
+            region = filled[ys, xs]  # a view: updating it updates filled
+            if region.any():
+                take = ~region if valid is None else valid & ~region
+                np.copyto(image[:, ys, xs], data, where=take)
+                region |= take
+            elif valid is None:
+                image[:, ys, xs] = data
+                region[...] = True
+            else:
+                # pixels not filled yet are still 0 in image
+                np.copyto(image[:, ys, xs], data, where=valid)
+                region[...] = valid
+        if filled is not None and filled.all():
             break
     if image is None or filled is None or not filled.any():
         return brow, bcol, None, None
@@ -927,7 +1058,12 @@ def _run_wave(
         return list(client.gather(futures))
     import dask
 
-    delayed = [dask.delayed(_process_task, pure=False)(job, *t) for t in wave]
+    # named in reverse so that the threaded scheduler, which breaks ties between independent
+    # tasks by key, runs them in _group_tasks order (random names would scatter them)
+    delayed = [
+        dask.delayed(_process_task, pure=False)(job, *t, dask_key_name=f"tile-{len(wave) - k:08d}")
+        for k, t in enumerate(wave)
+    ]
     return list(
         dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1)
     )

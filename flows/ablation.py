@@ -27,6 +27,9 @@ class AblationParams(StrictModel):
     losses: list[str] = Field(default_factory=lambda: ["infonce", "sigmoid"])
     regularizers: list[str] = Field(default_factory=lambda: ["l2sp", "similarity"])
     modes: list[str] = Field(default_factory=lambda: ["adapter"])
+    variants: list[dict[str, str]] | None = Field(
+        None, description="Explicit variants ({loss, regularizer, mode}); replaces the grid."
+    )
     overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every variant.")
 
 
@@ -45,9 +48,11 @@ def ablation_flow(params: AblationParams) -> list[dict[str, Any]]:
     """Run the pipeline once per variant (stages shared between variants stay cached)."""
     logger = get_run_logger()
     rows: list[dict[str, Any]] = []
-    grid = itertools.product(params.modes, params.losses, params.regularizers)
-    for mode, loss, reg in grid:
-        variant = {"loss": loss, "regularizer": reg, "mode": mode}
+    grid = [
+        {"loss": loss, "regularizer": reg, "mode": mode}
+        for mode, loss, reg in itertools.product(params.modes, params.losses, params.regularizers)
+    ]
+    for variant in params.variants or grid:
         overrides = merge_overrides(params.overrides, {"finetune": variant})
         report = pipeline_flow(
             PipelineParams(catalog=params.catalog, region=params.region, overrides=overrides),

@@ -21,7 +21,13 @@ def tiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("chips")
     sets = make_orthophotos(root / "src", size=300)
     grid = region_grid_for_sources(sets["aligned"], crs="EPSG:2154", resolution=0.5)
-    out = tile_orthophotos(sets["aligned"], root / "image.zarr", grid=grid, bands=list("rgbn"), wavelengths_um=[0.6] * 4)
+    out = tile_orthophotos(
+        sets["aligned"],
+        root / "image.zarr",
+        grid=grid,
+        bands=list("rgbn"),
+        wavelengths_um=[0.6] * 4,
+    )
     return sets, grid, out.path
 
 

@@ -79,3 +79,23 @@ def test_cli_runs_named_stages_without_targets(tmp_path, stages):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "work" / "reports" / "demo.json").read_text())
     assert list(report["stages"]) == ["tile", "embed"] and list(report["embeddings"]) == ["dofa"]
+
+
+def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
+    from flows.ablation import PAPER_VARIANT, SEED_VARIANT, AblationParams, ablation_flow
+
+    catalog = write_demo_region(tmp_path, size="tiny")
+    params = AblationParams(
+        catalog=str(catalog), region="demo", variants=[SEED_VARIANT, PAPER_VARIANT]
+    )
+    rows = ablation_flow(params)
+    assert [r["variant"] for r in rows] == [
+        "adapter/infonce/l2sp (seed)",
+        "adapter/sigmoid/similarity (paper)",
+    ]
+    assert all(r["val_loss"] is not None for r in rows)
+    assert all(0.0 <= r["plants:botaclip:auc"] <= 1.0 for r in rows)
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the variants really differ
+    table = tmp_path / "work" / "reports" / "demo-ablation.csv"
+    header = table.read_text().splitlines()[0]
+    assert header.startswith("variant,loss,regularizer,mode") and "soil:dofa:spearman" in header

@@ -41,7 +41,10 @@ def metric_table(report):
 def test_resolve_stages():
     assert resolve_stages(["downstream"], has_releves=True, has_targets=True) == list(STAGES)
     assert resolve_stages(["embed"], has_releves=False, has_targets=False) == ["tile", "embed"]
-    assert resolve_stages(["finetune"], has_releves=True, has_targets=True) == ["rasterize", "finetune"]
+    assert resolve_stages(["finetune"], has_releves=True, has_targets=True) == [
+        "rasterize",
+        "finetune",
+    ]
     assert resolve_stages(None, has_releves=False, has_targets=True) == [
         "tile",
         "rasterize",
