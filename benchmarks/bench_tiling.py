@@ -10,7 +10,10 @@ lattice (≈ 270 Mpx, ≈ 1.07 GB of pixels at --scale 1; sheets overlap by 64 p
 - peak RSS of ours on the region (1×) and on a 2×2 mosaic of it (4×: the same sheets plus
   three VRT copies shifted by the mosaic's size), each in its own subprocess (``os.wait4``).
 
-Prints one JSON line.
+Every sheet is on the grid lattice (``"sources": "aligned"`` in the output): this measures the
+exact-copy path, not warping. With ``--repeat N`` the read floor and ours (1×) are timed N times,
+alternating, and the fastest of each is reported, so that load from other jobs on the machine
+weighs on both alike. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="timings of floor and ours (min)")
     parser.add_argument("--child", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--sources", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -252,8 +256,14 @@ def main() -> None:
     megapixels = sum(rasterio.open(p).width * rasterio.open(p).height for p in sheets) / 1e6
 
     read_limit(sheets, args.workers)  # warm the page cache for every contender
-    read_s = read_limit(sheets, args.workers)
-    ours = run_child("ours", sheets, work / "out" / "ours_1x.zarr", args)
+    read_s, ours = math.inf, {"seconds": math.inf, "peak_rss_mb": 0.0}
+    for _ in range(max(args.repeat, 1)):
+        read_s = min(read_s, read_limit(sheets, args.workers))
+        run = run_child("ours", sheets, work / "out" / "ours_1x.zarr", args)
+        ours = {
+            "seconds": min(ours["seconds"], run["seconds"]),
+            "peak_rss_mb": max(ours["peak_rss_mb"], run["peak_rss_mb"]),
+        }
     ours4 = run_child("ours", quad, work / "out" / "ours_4x.zarr", args)
     naive_s = None
     if not args.skip_naive:
@@ -262,12 +272,15 @@ def main() -> None:
         json.dumps(
             {
                 "megapixels": round(megapixels, 1),
+                "sources": "aligned",
                 "ours_s": round(ours["seconds"], 2),
                 "naive_rioxarray_s": None if naive_s is None else round(naive_s, 2),
                 "read_limit_s": round(read_s, 2),
                 "ours_mpx_per_s": round(megapixels / ours["seconds"], 1),
                 "peak_rss_mb_1x": round(ours["peak_rss_mb"], 1),
                 "peak_rss_mb_4x": round(ours4["peak_rss_mb"], 1),
+                "ours_over_read_limit": round(ours["seconds"] / read_s, 2),
+                "ours_over_naive": None if naive_s is None else round(ours["seconds"] / naive_s, 2),
             }
         )
     )

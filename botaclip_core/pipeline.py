@@ -523,7 +523,7 @@ class Pipeline:
         plots = np.flatnonzero(keep)
         feats = np.zeros((len(plots), views, int(model.embed_dim)), dtype=np.float32)
         mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-        group = max(1, 256 // views)  # plots per forward group: bounded memory, full batches
+        group = max(1, 64 // views)  # plots per forward group: bounded memory, progress in the log
         for start in range(0, len(plots), group):
             chips = [
                 reader.read(int(rows[idx]), int(cols[idx]), aug)

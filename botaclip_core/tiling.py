@@ -805,6 +805,12 @@ _Piece = tuple[slice, slice, np.ndarray, np.ndarray | None]
 def _valid_from_values(data: np.ndarray, nodata: float | None) -> np.ndarray | None:
     if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)):
         return None
+    if nodata == 0 and data.dtype.kind in "ui":
+        # a pixel is nodata where the OR of its bands is 0: one integer pass per band
+        combined = data[0].copy()
+        for band in data[1:]:
+            combined |= band
+        return combined != 0
     # band by band: no (band, y, x) boolean temporary
     valid = data[0] != nodata
     for band in data[1:]:

@@ -203,16 +203,20 @@ def ablation(
     except BotaclipError as exc:
         _fail(exc)
         return
-    table = Table(title=f"ablation, region {region}")
-    columns = list(rows[0])
-    for col in columns:
-        table.add_column(col)
+    # one column per variant: the grid is narrow, the metric list long
+    table = Table(
+        title=f"ablation, region {region} (table: <workdir>/reports/{region}-ablation.csv)"
+    )
+    table.add_column("metric")
     for r in rows:
+        table.add_column(r["variant"])
+    for key in [k for k in rows[0] if k not in ("variant", "loss", "regularizer", "mode")]:
         table.add_row(
+            key,
             *[
-                f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                for c in columns
-            ]
+                f"{r.get(key):.3f}" if isinstance(r.get(key), float) else str(r.get(key, ""))
+                for r in rows
+            ],
         )
     console.print(table)
 
