@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,14 @@ def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
     write_report(report, report_path)
     (report_path.parent / f"{params.region}.catalog.yaml").write_text(dump_catalog(catalog))
     report["report_path"] = str(report_path.resolve())
+    finetune = results.get("finetune")
+    if finetune is not None and finetune.status == "completed":
+        history = json.loads((finetune.path / "history.json").read_text())
+        create_table_artifact(
+            key=f"botaclip-training-{params.region}".lower().replace("_", "-"),
+            table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in history],
+            description=f"BotaCLIP training curve, region {params.region} (validation: spatially held-out plots)",
+        )
     if report["downstream"]:
         create_table_artifact(
             key=f"botaclip-metrics-{params.region}".lower().replace("_", "-"),

@@ -41,6 +41,7 @@ def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
 
     states, artifacts = asyncio.run(states_and_artifact())
     assert "Cached" in states  # the UI shows the rerun as Cached
+    assert any(a.key == "botaclip-training-demo" for a in artifacts)  # training curve in the UI
     table = next(a for a in artifacts if a.key == "botaclip-metrics-demo")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["features"] for r in rows} == {"dofa", "botaclip", "botasp"}
