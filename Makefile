@@ -31,6 +31,7 @@ demo-tiny: $(VENV)/.stamp-install
 
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.stamp-test

@@ -163,6 +163,10 @@ class EmbedSettings(StrictModel):
     block_tiles: int = Field(4, ge=1, description="Tiles per Dask block side.")
 
 
+FeatureSource = Literal["dofa", "botaclip", "botasp"]
+FEATURE_SOURCES: tuple[FeatureSource, ...] = ("dofa", "botaclip", "botasp")
+
+
 class DownstreamSettings(StrictModel):
     """Species models on embeddings."""
 
@@ -175,8 +179,8 @@ class DownstreamSettings(StrictModel):
     C: float = Field(0.1, gt=0, description="Inverse L2 strength of the logistic models.")
     alpha: float = Field(10.0, gt=0, description="Ridge strength of the abundance models.")
     pca_components: int | None = Field(32, ge=1)
-    feature_sources: list[Literal["dofa", "botaclip", "botasp"]] = Field(
-        default_factory=lambda: ["dofa", "botaclip", "botasp"],
+    feature_sources: list[FeatureSource] = Field(
+        default_factory=lambda: list(FEATURE_SOURCES),
         description="Embeddings compared downstream: frozen DOFA, BotaCLIP, the supervised BotaSP baseline.",
     )
     seed: int = 0

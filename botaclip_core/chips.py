@@ -66,11 +66,10 @@ class ChipReader:
     """Reads ``size`` × ``size`` chips of the image Zarr around pixel positions, zero-padded."""
 
     def __init__(self, image_zarr: Path, size: int) -> None:
-        group = zarr.open_group(str(image_zarr), mode="r")
-        self.image = group["image"]
+        self.image = zarr.open_array(str(Path(image_zarr) / "image"), mode="r")
         self.size = size
-        self.n_bands, self.height, self.width = self.image.shape
-        self.dtype = self.image.dtype
+        self.n_bands, self.height, self.width = (int(n) for n in self.image.shape)
+        self.dtype = np.dtype(self.image.dtype)
 
     def read(self, row: int, col: int, aug: Augmentation = IDENTITY) -> np.ndarray:
         """The chip centred on (row, col) after ``aug``; pixels outside the image are 0."""
@@ -80,7 +79,9 @@ class ChipReader:
         rr0, cc0 = max(r0, 0), max(c0, 0)
         rr1, cc1 = min(r0 + self.size, self.height), min(c0 + self.size, self.width)
         if rr1 > rr0 and cc1 > cc0:
-            chip[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = self.image[:, rr0:rr1, cc0:cc1]
+            chip[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = np.asarray(
+                self.image[:, rr0:rr1, cc0:cc1]
+            )
         return _augment(chip, aug)
 
 

@@ -60,7 +60,7 @@ def create_embedding_store(
         attrs,
     )
     ds = ds.assign_coords(feature=np.arange(dim, dtype=np.int32))
-    encoding = {
+    encoding: dict[str, dict[str, Any]] = {
         EMBEDDING: {"chunks": (dim, chunk, chunk), "compressors": [zarr.codecs.ZstdCodec(level=3)]}
     }
     ds[EMBEDDING].attrs.pop("_FillValue")
@@ -102,8 +102,8 @@ def embed_block(
 
     if spec.torch_threads:  # Dask sets OMP_NUM_THREADS=1 in workers; the model wants the cores
         torch.set_num_threads(spec.torch_threads)
-    src = zarr.open_group(image_zarr, mode="r")
-    image, valid = src["image"], src["valid"]
+    image = zarr.open_array(os.path.join(image_zarr, "image"), mode="r")
+    valid = zarr.open_array(os.path.join(image_zarr, "valid"), mode="r")
     emb = zarr.open_array(os.path.join(out, EMBEDDING), mode="r+")
     _, n_ty, n_tx = emb.shape
     ty0, tx0 = by * block_tiles, bx * block_tiles
@@ -114,8 +114,8 @@ def embed_block(
         (image.shape[0], (ty1 - ty0) * tile_size, (tx1 - tx0) * tile_size), dtype=image.dtype
     )
     mask = np.zeros(pixels.shape[1:], dtype=bool)
-    pixels[:, : r1 - r0, : c1 - c0] = image[:, r0:r1, c0:c1]
-    mask[: r1 - r0, : c1 - c0] = valid[r0:r1, c0:c1] > 0
+    pixels[:, : r1 - r0, : c1 - c0] = np.asarray(image[:, r0:r1, c0:c1])
+    mask[: r1 - r0, : c1 - c0] = np.asarray(valid[r0:r1, c0:c1]) > 0
     nty, ntx = ty1 - ty0, tx1 - tx0
     tiles = pixels.reshape(pixels.shape[0], nty, tile_size, ntx, tile_size).transpose(1, 3, 0, 2, 4)
     tiles = tiles.reshape(nty * ntx, pixels.shape[0], tile_size, tile_size)
@@ -217,7 +217,8 @@ def transform_embeddings(
 
     mapped = emb.map_blocks(_apply, chunks=((out_dim,), *emb.chunks[1:]), dtype=np.float32)
     create_embedding_store(out, grid, out_dim, chunk=chunk, attrs=attrs)
-    da.store(mapped, zarr.open_array(str(out / EMBEDDING), mode="r+"), lock=False)
+    target: Any = zarr.open_array(str(out / EMBEDDING), mode="r+")
+    da.store(mapped, target, lock=False)
     zarr.consolidate_metadata(str(out))
     return {"zarr": str(out)}
 
@@ -238,6 +239,6 @@ def sample_embeddings(
     # read only the chunks that hold sites: the full map of a département does not fit in memory
     for cy, cx in set(zip((ty // chunk).tolist(), (tx // chunk).tolist(), strict=True)):
         sel = (ty // chunk == cy) & (tx // chunk == cx)
-        block = arr[:, cy * chunk : (cy + 1) * chunk, cx * chunk : (cx + 1) * chunk]
+        block = np.asarray(arr[:, cy * chunk : (cy + 1) * chunk, cx * chunk : (cx + 1) * chunk])
         out[sel] = block[:, ty[sel] - cy * chunk, tx[sel] - cx * chunk].T
     return out

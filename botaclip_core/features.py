@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from botaclip_core.models import build_dofa
+from botaclip_core.models.dofa import DOFA
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def normalize(tiles: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Ten
 
 
 @functools.lru_cache(maxsize=2)
-def load_backbone(size: str, weights: str | None, seed: int = 0) -> torch.nn.Module:
+def load_backbone(size: str, weights: str | None, seed: int = 0) -> DOFA:
     """The DOFA backbone in eval mode, built once per process (Dask workers reuse it).
 
     Random initialisation is seeded so that every worker, and every rerun, builds the same model.
@@ -56,7 +57,7 @@ def load_backbone(size: str, weights: str | None, seed: int = 0) -> torch.nn.Mod
 
 
 def encode_tiles(
-    model: torch.nn.Module,
+    model: DOFA,
     tiles: np.ndarray,
     wavelengths_um: Sequence[float],
     mean: np.ndarray,

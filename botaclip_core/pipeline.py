@@ -247,7 +247,8 @@ class Pipeline:
                 ]
             },
         )
-        datasets = ([self.region.releves] if has_releves else []) + list(self.region.targets)
+        datasets = [self.region.releves] if self.region.releves else []
+        datasets += list(self.region.targets)
         add(
             "rasterize",
             {"grid": self.grid.to_dict(), "datasets": datasets},
@@ -289,7 +290,7 @@ class Pipeline:
     def run_stage(self, plan: RegionPlan, stage: str) -> StageResult:
         """Run one planned stage (its upstream stages must be complete)."""
         sp = plan.stages[stage]
-        build: Callable[[Path], dict[str, Any]] = getattr(self, f"_build_{stage}")
+        build: Callable[[Path, RegionPlan], dict[str, Any]] = getattr(self, f"_build_{stage}")
 
         def wrapped(out_dir: Path) -> dict[str, Any]:
             return build(out_dir, plan)
@@ -471,15 +472,13 @@ class Pipeline:
         atomic_write_json(out_dir / "model_card.json", card)
         return outputs
 
-    def _plot_chips(
-        self, image_zarr: Path, table: Any, keep: np.ndarray, margin: int
-    ) -> np.ndarray:
+    def _plot_chips(self, table: Any, keep: np.ndarray, margin: int) -> np.ndarray:
         """Plain chips with a margin for shifts, around the kept plots (pixel training modes)."""
-        from botaclip_core.chips import ChipReader
-
-        reader = ChipReader(image_zarr, self.catalog.tiling.tile_size + 2 * margin)
+        reader = self._chip_reader(self.catalog.tiling.tile_size + 2 * margin)
         rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
-        return np.stack([reader.read(int(rows[i]), int(cols[i])) for i in keep])
+        chips = np.stack([reader.read(int(rows[i]), int(cols[i])) for i in keep])
+        reader.close()
+        return chips
 
     def _imagery_dtype(self) -> str:
         """Data type of the orthophotos (the first file's; tiling checks they agree)."""

@@ -109,6 +109,28 @@ def test_rerun_is_cached_and_identical(tiny):
     assert metric_table(again) == metric_table(first)
 
 
+def test_pixel_mode_embeds_region_with_tuned_backbone(tiny):
+    catalog, first = tiny
+    overrides = {"finetune": {"mode": "partial", "lora_rank": 4, "epochs": 2, "botasp": False}}
+    report = run_region(
+        load_catalog(catalog, overrides),
+        "demo",
+        catalog_path=catalog,
+        report_path=catalog.parent / "lora.json",
+    )
+    status = {k: v["status"] for k, v in report["stages"].items()}
+    assert status["tile"] == "cached" and status["finetune"] == "completed"
+    card = json.loads(Path(report["model_card"]).read_text())
+    assert (
+        card["mode"] == "partial"
+        and Path(report["stages"]["finetune"]["output"], "backbone.pt").is_file()
+    )
+    assert set(report["embeddings"]) == {"dofa", "botaclip"}
+    tuned = xr.open_zarr(report["embeddings"]["botaclip"])["embedding"].values
+    frozen = xr.open_zarr(report["embeddings"]["dofa"])["embedding"].values
+    assert tuned.shape == frozen.shape and not np.allclose(tuned, frozen, equal_nan=True)
+
+
 def test_changes_rerun_only_what_they_affect(tiny):
     catalog, first = tiny
     data = yaml.safe_load(catalog.read_text())
