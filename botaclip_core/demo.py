@@ -995,7 +995,8 @@ def _catalog_mapping(size: str, preset: DemoSize) -> dict[str, Any]:
     left, top = ORIGIN
     mapping: dict[str, Any] = {
         "version": 1,
-        "workdir": "work",
+        # the demo folder is the artifact store: report at <demo folder>/reports/demo.json
+        "workdir": ".",
         "regions": {
             "demo": {
                 "crs": CRS_CODE,

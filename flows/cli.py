@@ -116,7 +116,7 @@ def demo(
         Path, typer.Option(help="Where the demo data, catalog and outputs go.")
     ] = Path("botaclip-demo"),
     report: Annotated[
-        Path | None, typer.Option(help="Report path (default <workdir>/work/reports/demo.json).")
+        Path | None, typer.Option(help="Report path (default <workdir>/reports/demo.json).")
     ] = None,
     size: Annotated[
         str, typer.Option(help="Demo size: default, or tiny (seconds, tiny model).")

@@ -81,7 +81,10 @@ def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
         history = json.loads((finetune.path / "history.json").read_text())
         create_table_artifact(
             key=f"botaclip-training-{params.region}".lower().replace("_", "-"),
-            table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in history],
+            table=[
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()}
+                for h in history
+            ],
             description=f"BotaCLIP training curve, region {params.region} (validation: spatially held-out plots)",
         )
     if report["downstream"]:

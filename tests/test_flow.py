@@ -78,7 +78,7 @@ def test_cli_runs_named_stages_without_targets(tmp_path, stages):
         app, ["run", str(catalog), "--region", "demo", "--stages", stages, "--no-prefect"]
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "work" / "reports" / "demo.json").read_text())
+    report = json.loads((tmp_path / "reports" / "demo.json").read_text())
     assert list(report["stages"]) == ["tile", "embed"] and list(report["embeddings"]) == ["dofa"]
 
 
@@ -97,6 +97,6 @@ def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
     assert all(r["val_loss"] is not None for r in rows)
     assert all(0.0 <= r["plants:botaclip:auc"] <= 1.0 for r in rows)
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the variants really differ
-    table = tmp_path / "work" / "reports" / "demo-ablation.csv"
+    table = tmp_path / "reports" / "demo-ablation.csv"
     header = table.read_text().splitlines()[0]
     assert header.startswith("variant,loss,regularizer,mode") and "soil:dofa:spearman" in header

@@ -67,7 +67,7 @@ def test_report_follows_schema(tiny):
             and stage["seconds"] >= 0
             and Path(stage["output"]).is_dir()
         )
-    written = json.loads((catalog.parent / "work" / "reports" / "demo.json").read_text())
+    written = json.loads((catalog.parent / "reports" / "demo.json").read_text())
     assert written["downstream"] == report["downstream"]
     assert set(report["embeddings"]) == {"dofa", "botaclip", "botasp"}
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
@@ -180,7 +180,7 @@ def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = tmp_path / "work"
+    work = tmp_path
     deadline = time.time() + 300
     while time.time() < deadline and not list(work.glob("features/*")):
         time.sleep(0.2)
