@@ -551,10 +551,6 @@ class Pipeline:
         }
 
     def _build_embed(self, out_dir: Path, plan: RegionPlan) -> dict[str, Any]:
-        from botaclip_core.cluster import compute_client
-        from botaclip_core.embed import embed_region
-        from botaclip_core.models.dofa import DOFA_SIZES
-
         tile = self.upstream(plan, "tile")
         spec = self._backbone_spec(tile["dtype"])
         sp = plan.stages["embed"]
@@ -563,24 +559,14 @@ class Pipeline:
             "block_tiles": self.catalog.embed.block_tiles,
             "seed": spec.seed,
         }
-        dim = DOFA_SIZES[spec.size].embed_dim
 
         def build_dofa(d: Path) -> dict[str, Any]:
-            with compute_client(self.catalog.dask) as client:
-                return embed_region(
-                    Path(tile["zarr"]),
-                    d / "dofa.zarr",
-                    spec=spec,
-                    dim=dim,
-                    tile_size=self.catalog.tiling.tile_size,
-                    block_tiles=self.catalog.embed.block_tiles,
-                    client=client,
-                    attrs={
-                        "source": "dofa",
-                        "dofa_size": spec.size,
-                        "dofa_weights": spec.weights or "random",
-                    },
-                )
+            attrs = {
+                "source": "dofa",
+                "dofa_size": spec.size,
+                "dofa_weights": spec.weights or "random",
+            }
+            return self._embed(Path(tile["zarr"]), d / "dofa.zarr", spec, attrs)
 
         dofa = self.store.run(
             "embed-dofa",
@@ -605,17 +591,12 @@ class Pipeline:
             )
         else:  # the fine-tuned backbone itself embeds the region (resumable block by block)
             tuned = dataclasses.replace(spec, weights=trained["backbone"])
-            with compute_client(self.catalog.dask) as client:
-                embed_region(
-                    Path(tile["zarr"]),
-                    out_dir / "botaclip.zarr",
-                    spec=tuned,
-                    dim=dim,
-                    tile_size=self.catalog.tiling.tile_size,
-                    block_tiles=self.catalog.embed.block_tiles,
-                    client=client,
-                    attrs={**attrs, "source": "botaclip", "dofa_size": spec.size},
-                )
+            self._embed(
+                Path(tile["zarr"]),
+                out_dir / "botaclip.zarr",
+                tuned,
+                {**attrs, "source": "botaclip"},
+            )
         outputs["botaclip"] = str(out_dir / "botaclip.zarr")
         if trained.get("botasp"):
             from botaclip_core.botasp import load_botasp_adapter
@@ -628,6 +609,26 @@ class Pipeline:
             )
             outputs["botasp"] = str(out_dir / "botasp.zarr")
         return outputs
+
+    def _embed(
+        self, image_zarr: Path, out: Path, spec: Any, attrs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Backbone features of every covered tile (Dask or in-process, resumable by block)."""
+        from botaclip_core.cluster import compute_client
+        from botaclip_core.embed import embed_region
+        from botaclip_core.models.dofa import DOFA_SIZES
+
+        with compute_client(self.catalog.dask) as client:
+            return embed_region(
+                image_zarr,
+                out,
+                spec=spec,
+                dim=DOFA_SIZES[spec.size].embed_dim,
+                tile_size=self.catalog.tiling.tile_size,
+                block_tiles=self.catalog.embed.block_tiles,
+                client=client,
+                attrs={**attrs, "dofa_size": spec.size},
+            )
 
     @staticmethod
     def _apply_adapter(dofa_zarr: str, adapter: Any, out: Path, attrs: dict[str, Any]) -> None:
