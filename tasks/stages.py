@@ -6,8 +6,10 @@ from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
+from prefect.states import get_state_exception
 
 from botaclip_core.catalog import load_catalog
+from botaclip_core.errors import BotaclipError
 from botaclip_core.pipeline import Pipeline, RegionPlan
 
 
@@ -15,6 +17,11 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """``botaclip-<stage>-<store key>``: the same identity the artifact store uses."""
     stage = parameters["stage"]
     return f"botaclip-{stage}-{parameters['plan']['stages'][stage]['key']}"
+
+
+def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry crashes and I/O hiccups, not errors in the user's data or catalog (they would recur)."""
+    return not isinstance(get_state_exception(state), BotaclipError)
 
 
 @task(name="plan", retries=0, tags=["botaclip"])
@@ -38,6 +45,7 @@ def plan_region(
     task_run_name="{stage}",
     retries=1,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_input_error,
     cache_key_fn=stage_cache_key,
     persist_result=True,
     tags=["botaclip"],

@@ -100,3 +100,31 @@ def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
     table = tmp_path / "reports" / "demo-ablation.csv"
     header = table.read_text().splitlines()[0]
     assert header.startswith("variant,loss,regularizer,mode") and "soil:dofa:spearman" in header
+
+
+def test_bad_data_fails_once_with_a_clear_message(tmp_path, prefect_harness):
+    import pandas as pd
+
+    from botaclip_core.errors import InputDataError
+
+    catalog = write_demo_region(tmp_path, size="tiny")
+    soil = tmp_path / "demo-data" / "soil_fauna.csv"
+    frame = pd.read_csv(soil)
+    frame.rename(columns={"abundance": "count"}).to_csv(soil, index=False)
+    params = PipelineParams(catalog=str(catalog), region="demo", stages=["rasterize"])
+    with pytest.raises(
+        InputDataError, match=r"column 'abundance' \(datasets.soil.value\) not found"
+    ):
+        pipeline_flow(params)
+    assert not list((tmp_path / "rasterize").glob("*/_SUCCESS.json"))  # never marked complete
+
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def failed_runs():
+        async with get_client() as client:
+            return [r for r in await client.read_task_runs() if r.state.is_failed()]
+
+    runs = asyncio.run(failed_runs())
+    assert runs and all(r.run_count == 1 for r in runs)  # an input error is not retried
