@@ -27,6 +27,7 @@ from botaclip_core.finetune import (
     TrainingData,
     check_settings,
     cpu_state,
+    feature_batches,
     fit_epochs,
     optimizer_step,
     resolve_device,
@@ -116,7 +117,7 @@ def train_botasp(data: TrainingData, settings: FinetuneSettings, out_dir: Path) 
 
     """
     settings = check_settings(settings)
-    n, n_views, dim = data.features.shape
+    dim = data.features.shape[2]
     train_idx, val_idx = split_plots(data.coords, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
@@ -132,13 +133,8 @@ def train_botasp(data: TrainingData, settings: FinetuneSettings, out_dir: Path) 
     val_t = torch.from_numpy(val_idx).to(device)
 
     def train_epoch(gen: np.random.Generator) -> float:
-        order = gen.permutation(train_idx)
-        views = np.asarray(gen.integers(0, n_views, size=n))
         losses = []
-        for s in range(0, len(order) - batch + 1, batch):  # drop the ragged last batch
-            rows = order[s : s + batch]
-            idx = torch.from_numpy(rows).to(device)
-            frozen = feats[idx, torch.from_numpy(views[rows]).to(device)]
+        for idx, frozen in feature_batches(gen, feats, train_idx, batch):
             adapted = model.encode_image(frozen)
             logits = model.species_head(adapted)
             loss = F.binary_cross_entropy_with_logits(logits, presence[idx])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from botaclip_core.grid import RegionGrid
+from botaclip_core.tiling import aligned_offset
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class SourceChipReader:
                 ds_nodata: float | None = nodata
             else:
                 ds_nodata = ds.nodata
-            offset = _grid_offset(ds, grid)
+            offset = aligned_offset(ds, grid)
             if offset is None:
                 vrt = self._stack.enter_context(
                     WarpedVRT(
@@ -185,16 +185,3 @@ class SourceChipReader:
         """The chip centred on (row, col) after ``aug``, like :meth:`ChipReader.read`."""
         chip, _ = self.read_with_mask(row + aug.shift_rows, col + aug.shift_cols)
         return _augment(chip, aug)
-
-
-def _grid_offset(ds: Any, grid: RegionGrid) -> tuple[int, int] | None:
-    """Grid (row, col) of a source's first pixel when it lies on the grid lattice, else None."""
-    t, res = ds.transform, grid.resolution
-    if ds.crs != grid.crs_obj or t.b != 0 or t.d != 0:
-        return None
-    if not (math.isclose(t.a, res, rel_tol=1e-9) and math.isclose(-t.e, res, rel_tol=1e-9)):
-        return None
-    col, row = (t.c - grid.left) / res, (grid.top - t.f) / res
-    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
-        return None
-    return round(row), round(col)

@@ -392,6 +392,23 @@ def _n_trainable(module: nn.Module) -> int:
 # mode "adapter": cached frozen features
 
 
+def feature_batches(
+    gen: np.random.Generator, feats: torch.Tensor, train_idx: np.ndarray, batch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches of (plot indices, one random cached view per plot); ragged tail dropped.
+
+    Draws the order and the views from ``gen`` (seeded per epoch), so a resumed epoch sees the
+    same batches as an uninterrupted one.
+    """
+    n, n_views = feats.shape[:2]
+    order = gen.permutation(train_idx)
+    views = np.asarray(gen.integers(0, n_views, size=n))
+    for s in range(0, len(order) - batch + 1, batch):
+        rows = order[s : s + batch]
+        idx = torch.from_numpy(rows).to(feats.device)
+        yield idx, feats[idx, torch.from_numpy(views[rows]).to(feats.device)]
+
+
 def train_adapter(data: TrainingData, settings: FinetuneSettings, out_dir: Path) -> dict[str, Any]:
     """Train BotaCLIP's adapter + relevé encoder; resumes from ``out_dir/last.pt``.
 
@@ -434,13 +451,8 @@ def train_adapter(data: TrainingData, settings: FinetuneSettings, out_dir: Path)
     val_t = torch.from_numpy(val_idx).to(device)
 
     def train_epoch(gen: np.random.Generator) -> float:
-        order = gen.permutation(train_idx)
-        views = np.asarray(gen.integers(0, n_views, size=n))
         losses = []
-        for s in range(0, len(order) - batch + 1, batch):  # drop the ragged last batch
-            rows = order[s : s + batch]
-            idx = torch.from_numpy(rows).to(device)
-            frozen = feats[idx, torch.from_numpy(views[rows]).to(device)]
+        for idx, frozen in feature_batches(gen, feats, train_idx, batch):
             img = model.encode_image(frozen)
             rel = model.encode_releve(rels[idx])
             total = model.loss(img, rel) + settings.reg_weight * regularizer(img, frozen)

@@ -404,7 +404,7 @@ def _acquisition_time(ds: Any, path: Path) -> float:
     return path.stat().st_mtime
 
 
-def _aligned_offset(ds: Any, grid: RegionGrid) -> tuple[int, int] | None:
+def aligned_offset(ds: Any, grid: RegionGrid) -> tuple[int, int] | None:
     """Grid (row, col) of the source's first pixel if the source lies on the grid lattice."""
     if ds.crs != grid.crs_obj:
         return None
@@ -452,7 +452,7 @@ def _inspect_source(
             tile=_cache_tile_shape(ds),
             stamp=(path.stat().st_size, path.stat().st_mtime_ns),
             footprint=footprint,
-            offset=_aligned_offset(ds, grid),
+            offset=aligned_offset(ds, grid),
             date=_acquisition_time(ds, path),
         )
 
