@@ -171,16 +171,17 @@ class Pipeline:
         self.region = catalog.region(region)
         self.catalog_path = str(catalog_path)
         self.store = ArtifactStore(catalog.workdir_path)
-        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self._fingerprints: dict[str, dict[str, Any]] | None = None
         self._grid: RegionGrid | None = None
 
     # ---------------------------------------------------------------- planning
     def fingerprint(self, path: Path) -> dict[str, Any]:
-        """Fingerprint of an input file, computed once per pipeline."""
-        key = str(path)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint_file(path)
-        return self._fingerprints[key]
+        """Fingerprint of an input file, hashed only when new or changed since an earlier run."""
+        if self._fingerprints is None:
+            self._fingerprints = self.store.load_fingerprints()
+        fp = fingerprint_file(path, self._fingerprints)
+        self._fingerprints[fp["path"]] = fp
+        return fp
 
     @property
     def grid(self) -> RegionGrid:
@@ -281,6 +282,8 @@ class Pipeline:
                 },
                 {"embed": planned["embed"].key, "rasterize": planned["rasterize"].key},
             )
+        if self._fingerprints is not None:
+            self.store.save_fingerprints(self._fingerprints)
         plan = RegionPlan(self.catalog_path, self.region_name, self.grid, overrides=self.overrides)
         plan.stages = {s: planned[s] for s in names}
         plan.keys = {s: p.key for s, p in planned.items()}

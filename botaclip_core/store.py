@@ -30,11 +30,14 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def fingerprint_file(path: str | Path) -> dict[str, Any]:
+def fingerprint_file(
+    path: str | Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Identity of an input file: path, size, mtime and a content hash.
 
-    Files larger than 256 MiB are hashed on three 8 MiB samples plus their size, which keeps
-    fingerprinting a département's orthophotos to seconds while still catching rewrites.
+    Files larger than 256 MiB are hashed on three 8 MiB samples plus their size. ``known`` maps
+    resolved paths to earlier fingerprints: one whose size and mtime still match is reused, so
+    a rerun over a département's orthophotos does not read them all again.
 
     Raises:
         InputDataError: if the file does not exist.
@@ -44,6 +47,9 @@ def fingerprint_file(path: str | Path) -> dict[str, Any]:
         stat = p.stat()
     except FileNotFoundError:
         raise InputDataError(f"{p}: no such file. Check the path in the catalog.") from None
+    earlier = (known or {}).get(str(p.resolve()))
+    if earlier and earlier["size"] == stat.st_size and earlier["mtime_ns"] == stat.st_mtime_ns:
+        return earlier
     digest = hashlib.blake2b(digest_size=16)
     with open(p, "rb") as fh:
         if stat.st_size <= FULL_HASH_LIMIT:
@@ -115,6 +121,22 @@ class ArtifactStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
+
+    @property
+    def fingerprint_cache(self) -> Path:
+        """JSON file of known input fingerprints (see :func:`fingerprint_file`)."""
+        return self.root / "_cache" / "fingerprints.json"
+
+    def load_fingerprints(self) -> dict[str, dict[str, Any]]:
+        """Fingerprints recorded by earlier runs (empty if none or unreadable)."""
+        try:
+            return dict(json.loads(self.fingerprint_cache.read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_fingerprints(self, fingerprints: dict[str, dict[str, Any]]) -> None:
+        """Record fingerprints for later runs (atomically; the last writer wins)."""
+        atomic_write_json(self.fingerprint_cache, fingerprints)
 
     def stage_dir(self, stage: str, key: str) -> Path:
         """Folder of one stage output."""

@@ -62,3 +62,15 @@ def test_failed_build_is_never_marked_complete(tmp_path):
     assert (store.stage_dir("embed", key) / "partial").exists()  # kept for resuming inside
     with pytest.raises(StageError, match="not complete"):
         store.manifest("embed", key)
+
+
+def test_known_fingerprints_are_reused_until_the_file_changes(tmp_path):
+    f = tmp_path / "a.tif"
+    f.write_bytes(b"pixels")
+    store = ArtifactStore(tmp_path / "work")
+    first = fingerprint_file(f)
+    store.save_fingerprints({first["path"]: {**first, "blake2b": "recorded"}})
+    known = store.load_fingerprints()
+    assert fingerprint_file(f, known)["blake2b"] == "recorded"  # same size and mtime: not re-read
+    f.write_bytes(b"other pixels")
+    assert fingerprint_file(f, known)["blake2b"] not in ("recorded", first["blake2b"])
