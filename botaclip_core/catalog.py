@@ -93,9 +93,15 @@ class ModelSpec(StrictModel):
 
 
 class TileSettings(StrictModel):
-    """Tiling: model tile size (= Zarr chunk) and parallelism."""
+    """Tiling: model tile size (= Zarr chunk), shards and parallelism."""
 
     tile_size: int = Field(224, ge=16, description="Model input size in pixels; Zarr chunk size.")
+    shard_blocks: int = Field(
+        8,
+        ge=1,
+        description="Chunks per Zarr shard side (one file per shard); 1 writes one file per "
+        "chunk, for readers without sharding support (GDAL < 3.11).",
+    )
     workers: int | None = Field(None, ge=1, description="Dask workers; default: all cores.")
 
 

@@ -44,7 +44,7 @@ DEPENDS = {
 }
 # bump when a stage's output format or algorithm changes, so old outputs are not reused
 VERSIONS = {
-    "tile": "1",
+    "tile": "2",  # 2: sharded image Zarr
     "rasterize": "1",
     "features": "1",
     "finetune": "1",
@@ -241,6 +241,7 @@ class Pipeline:
                 "grid": self.grid.to_dict(),
                 "orthophotos": ortho.model_dump(mode="json", exclude={"paths", "mean", "std"}),
                 "tile_size": self.catalog.tiling.tile_size,
+                "shard_blocks": self.catalog.tiling.shard_blocks,
             },
             {
                 "orthophotos": [
@@ -325,6 +326,7 @@ class Pipeline:
                 resampling=ortho.resampling,
                 nodata=ortho.nodata,
                 precedence=ortho.precedence,
+                shard_blocks=self.catalog.tiling.shard_blocks,
                 workers=self.catalog.tiling.workers,
                 dask_client=client,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ RESAMPLING_METHODS = ("nearest", "bilinear", "cubic", "average")
 PRECEDENCE_POLICIES = ("catalog_order", "newest_first")
 RECORDS_SUFFIX = ".blocks"
 # bump when the bytes a run writes change, so stale partial stores are not resumed
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 # source pixels read around a block's footprint so that the resampling kernel has support
 _KERNEL_PAD = {"nearest": 1, "bilinear": 2, "cubic": 3, "average": 2}
 _GDAL_ENV = {
@@ -53,11 +54,14 @@ _GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "VSI_CACHE": True,
 }
-_BLOCKS_PER_TASK = 64  # 8×8 blocks per Dask task: neighbours share decompressed source tiles
+# unsharded stores: 8×8 blocks per Dask task, so that neighbours share decompressed source tiles;
+# sharded stores: one shard per task (a shard file is written whole, by one task)
 _TASK_SIDE = 8
+DEFAULT_SHARD_BLOCKS = 8
+_EMPTY = 2**64 - 1  # shard index entry of an inner chunk that is not stored
 # tasks are ordered in vertical stripes of this many task columns, top to bottom: a source tile
 # shared by two tasks is then reused from _TILES after a bounded delay, whatever the region width
-_STRIPE_TASKS = 4
+_STRIPE_TASKS = 8
 _BLOCKS_PER_WAVE = 16384  # graph size bound: one wave of tasks at a time
 _MAX_OPEN_PER_THREAD = 8  # tasks are spatially compact: few sources are live at once
 # decoded source tiles kept per process; holds a stripe's row of tasks with room to spare
@@ -120,6 +124,7 @@ class _Job:
     n_bands: int
     dtype: str
     resampling: str
+    shard_blocks: int
 
 
 def records_dir(zarr_path: Path) -> Path:
@@ -186,6 +191,7 @@ def tile_orthophotos(
     resampling: str = "bilinear",
     nodata: float | None = None,
     precedence: str = "catalog_order",
+    shard_blocks: int = DEFAULT_SHARD_BLOCKS,
     workers: int | None = None,
     dask_client: distributed.Client | None = None,
 ) -> TilingResult:
@@ -204,13 +210,20 @@ def tile_orthophotos(
     acquisition date (the TIFFTAG_DATETIME tag if present, else the file modification time),
     newest first, ties kept in catalog order.
 
+    Each block is one Zarr chunk. By default chunks are grouped ``shard_blocks`` × ``shard_blocks``
+    into Zarr v3 shards (``sharding_indexed``: one file per shard and array instead of one per
+    block, which is what file systems and object stores need at millions of blocks); readers see
+    tile-sized chunks either way. ``shard_blocks=1`` writes one file per chunk, for readers
+    without sharding support (GDAL < 3.11).
+
     The store is sparse: blocks that no source footprint touches are never read nor written, and
     blocks whose sources are all nodata there are not written either; the fill value (0, valid 0)
-    stands for them. Blocks are processed by Dask in waves (threads, or the workers of
-    ``dask_client``, which open the files themselves). Each finished block is recorded in
-    ``<out name>.blocks/`` next to the store after its chunks are written, so a killed run
-    resumes where it stopped and ends with the same store as an uninterrupted one. Metadata is
-    consolidated once, at the end.
+    stands for them (shards without any written block are no files). Dask processes one task per
+    shard (8 × 8 blocks when unsharded), in waves (threads, or the workers of ``dask_client``,
+    which open the files themselves). Each finished block is recorded in ``<out name>.blocks/``
+    next to the store after its chunk (or shard) is written, so a killed run resumes where it
+    stopped, redoing at most the shards that were being written, and ends with the same store as
+    an uninterrupted one. Metadata is consolidated once, at the end.
 
     Args:
         sources: orthophoto files (any GDAL raster, any CRS), in catalog order.
@@ -222,6 +235,7 @@ def tile_orthophotos(
         resampling: one of ``nearest``, ``bilinear``, ``cubic``, ``average``.
         nodata: overrides the nodata value of every source.
         precedence: ``catalog_order`` or ``newest_first``.
+        shard_blocks: blocks per shard side (1: no sharding).
         workers: threads for the local Dask scheduler (default: CPU count).
         dask_client: a ``distributed.Client`` to run the blocks on instead.
 
@@ -235,6 +249,10 @@ def tile_orthophotos(
 
     """
     _validate_settings(sources, bands, wavelengths_um, tile_size, resampling, precedence)
+    if shard_blocks < 1:
+        raise InputDataError(
+            f"shard_blocks: {shard_blocks} must be a positive number of blocks (1: no sharding)."
+        )
     out = Path(out)
     infos = [_inspect_source(Path(p), grid, bands, nodata) for p in sources]
     infos = _order_sources(infos, precedence)
@@ -259,20 +277,29 @@ def tile_orthophotos(
         "resampling": resampling,
         "nodata": nodata,
         "precedence": precedence,
+        "shard_blocks": shard_blocks,
         "dtype": dtype,
         "sources": [_fingerprint(Path(s.path)) for s in infos],
         "source_order": [str(p) for p in sources],
     }
     records = records_dir(out)
     done = _prepare_store(
-        out, records, settings, grid, bands, wavelengths_um, tile_size, dtype, sources
+        out, records, settings, grid, bands, wavelengths_um, tile_size, dtype, sources, shard_blocks
     )
 
     todo_mask = ~np.isin(block_ids, done)
+    if shard_blocks > 1 and todo_mask.any():
+        # a shard file is rewritten whole: redo every block of a shard that is not entirely done
+        shard_ids = _shard_ids(block_ids, n_bcols, shard_blocks)
+        todo_mask = np.isin(shard_ids, shard_ids[todo_mask])
     n_skipped = int(block_ids.size - todo_mask.sum())
-    job = _Job(str(out), str(records), grid, tile_size, len(bands), dtype, resampling)
+    job = _Job(str(out), str(records), grid, tile_size, len(bands), dtype, resampling, shard_blocks)
     tasks = _group_tasks(
-        block_ids[todo_mask], [src_lists[i] for i in np.flatnonzero(todo_mask)], infos, n_bcols
+        block_ids[todo_mask],
+        [src_lists[i] for i in np.flatnonzero(todo_mask)],
+        infos,
+        n_bcols,
+        shard_blocks,
     )
     logger.info(
         "tiling %d sources onto %s: %d of %d blocks to do (%d done earlier)",
@@ -310,14 +337,37 @@ def covered_blocks(zarr_path: Path) -> list[tuple[int, int]]:
         raise InputDataError(
             f"{zarr_path}: no 'valid' array; this is not an image Zarr written by tile_orthophotos."
         )
+    meta = json.loads((valid / "zarr.json").read_text())
+    shard = (1, 1)
+    index_at_end = True
+    codecs = meta["codecs"]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        conf = codecs[0]["configuration"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        shard = (outer[0] // conf["chunk_shape"][0], outer[1] // conf["chunk_shape"][1])
+        index_at_end = conf.get("index_location", "end") == "end"
+    index_bytes = shard[0] * shard[1] * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
     blocks = []
     chunk_root = valid / "c"
     if chunk_root.is_dir():
         for row_dir in os.scandir(chunk_root):
             if row_dir.name.isdigit() and row_dir.is_dir():
                 for col in os.scandir(row_dir.path):
-                    if col.name.isdigit():
-                        blocks.append((int(row_dir.name), int(col.name)))
+                    if not col.name.isdigit():
+                        continue
+                    r, c = int(row_dir.name), int(col.name)
+                    if shard == (1, 1):
+                        blocks.append((r, c))
+                        continue
+                    with open(col.path, "rb") as f:
+                        if index_at_end:
+                            f.seek(-index_bytes, os.SEEK_END)
+                        index = np.frombuffer(f.read(index_bytes - 4), dtype="<u8")
+                    stored = index.reshape(shard[0], shard[1], 2)[..., 1] != _EMPTY
+                    blocks.extend(
+                        (r * shard[0] + int(i), c * shard[1] + int(j))
+                        for i, j in zip(*np.nonzero(stored), strict=True)
+                    )
     return sorted(blocks)
 
 
@@ -511,19 +561,29 @@ def _candidate_blocks(
     return unique, np.split(srcs, starts[1:])
 
 
-def _group_tasks(
-    block_ids: np.ndarray, src_lists: list[np.ndarray], infos: list[_Source], n_bcols: int
-) -> list[tuple[list[int], list[list[int]], list[_Source]]]:
-    """Group blocks into spatially compact tasks (8×8 blocks) that carry only their sources.
+def _shard_ids(block_ids: np.ndarray, n_bcols: int, side: int) -> np.ndarray:
+    """Id of the ``side`` × ``side`` super-block (shard) of each block."""
+    rows, cols = block_ids // n_bcols, block_ids % n_bcols
+    return (rows // side) * math.ceil(n_bcols / side) + cols // side
 
-    Tasks come in stripe order (see _STRIPE_TASKS), row-major within a stripe.
+
+def _group_tasks(
+    block_ids: np.ndarray,
+    src_lists: list[np.ndarray],
+    infos: list[_Source],
+    n_bcols: int,
+    shard_blocks: int,
+) -> list[tuple[list[int], list[list[int]], list[_Source]]]:
+    """Group blocks into spatially compact tasks that carry only their sources.
+
+    A task is one shard (or 8×8 blocks when unsharded). Tasks come in stripe order (see
+    _STRIPE_TASKS), row-major within a stripe; blocks are row-major within a task.
     """
     if block_ids.size == 0:
         return []
-    rows, cols = block_ids // n_bcols, block_ids % n_bcols
-    n_scols = math.ceil(n_bcols / _TASK_SIDE)
-    super_ids = (rows // _TASK_SIDE) * n_scols + cols // _TASK_SIDE
-    stripes = cols // (_TASK_SIDE * _STRIPE_TASKS)
+    side = shard_blocks if shard_blocks > 1 else _TASK_SIDE
+    super_ids = _shard_ids(block_ids, n_bcols, side)
+    stripes = (block_ids % n_bcols) // (side * max(1, _STRIPE_TASKS * _TASK_SIDE // side))
     order = np.lexsort((block_ids, super_ids, stripes))
     tasks = []
     current: int | None = None
@@ -543,7 +603,7 @@ def _group_tasks(
 
     for k in order:
         sid = int(super_ids[k])
-        if blocks and (sid != current or len(blocks) >= _BLOCKS_PER_TASK):
+        if blocks and sid != current:
             flush()
             blocks, lists = [], []
         current = sid
@@ -584,6 +644,7 @@ def _prepare_store(
     tile_size: int,
     dtype: str,
     sources: Sequence[Path],
+    shard_blocks: int,
 ) -> np.ndarray:
     """Create the store's metadata, or reuse a partial store of the same settings.
 
@@ -607,7 +668,7 @@ def _prepare_store(
         shutil.rmtree(records)
     if out.exists():
         shutil.rmtree(out)
-    _write_metadata(out, grid, bands, wavelengths_um, tile_size, dtype, sources)
+    _write_metadata(out, grid, bands, wavelengths_um, tile_size, dtype, sources, shard_blocks)
     records.mkdir(parents=True)
     tmp = records / "_settings.json.tmp"
     tmp.write_text(json.dumps({"hash": digest, "settings": settings}, sort_keys=True))
@@ -623,6 +684,7 @@ def _write_metadata(
     tile_size: int,
     dtype: str,
     sources: Sequence[Path],
+    shard_blocks: int,
 ) -> None:
     import dask.array as da
     from zarr.codecs import ZstdCodec
@@ -648,10 +710,14 @@ def _write_metadata(
     ds = ds.assign_coords(band=("band", np.array(bands, dtype=object)))
     # level 1: several times faster than 3 on noisy imagery for ~5 % larger chunks
     codec = ZstdCodec(level=1)
-    encoding = {
+    encoding: dict[str, dict[str, Any]] = {
         "image": {"chunks": (n, tile_size, tile_size), "compressors": [codec], "fill_value": 0},
         "valid": {"chunks": (tile_size, tile_size), "compressors": [codec], "fill_value": 0},
     }
+    if shard_blocks > 1:
+        side = shard_blocks * tile_size
+        encoding["image"]["shards"] = (n, side, side)
+        encoding["valid"]["shards"] = (side, side)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -721,12 +787,16 @@ def _transformer(grid_crs: str, src_wkt: str) -> Any:
     return tr
 
 
-class _ChunkWriter:
+class _ArrayWriter:
     """Writes whole chunks of a Zarr v3 array straight to its directory store.
 
     Going through ``zarr.Array.__setitem__`` costs milliseconds per chunk in event-loop round
-    trips; the store layout this module creates (default ``/`` chunk keys, bytes + zstd codecs)
-    is simple enough to encode directly. Anything else falls back to the zarr API.
+    trips; the layouts this module creates (default ``/`` chunk keys, bytes + zstd codecs, either
+    directly or inside a ``sharding_indexed`` codec with a bytes + crc32c index) are simple
+    enough to encode directly. Anything else falls back to the zarr API.
+
+    Unsharded chunks are written by :meth:`add`; sharded ones are encoded by :meth:`add` and
+    written, one file per shard, by :meth:`flush`.
     """
 
     def __init__(self, root: str, name: str) -> None:
@@ -734,19 +804,37 @@ class _ChunkWriter:
         self.path = os.path.join(root, name)
         self.chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.shard: tuple[int, ...] | None = None  # inner chunks per shard, per dimension
+        self.index_at_end = True
+        self._pending: dict[tuple[int, ...], dict[tuple[int, ...], bytes]] = {}
+        self._constants: dict[tuple[tuple[int, ...], int], bytes] = {}
+        self._made: set[str] = set()
+        self.array: Any = None
+        self.codec: Any = None
         cke = meta["chunk_key_encoding"]
         codecs = meta["codecs"]
         direct = (
-            cke["name"] == "default"
-            and cke.get("configuration", {}).get("separator", "/") == "/"
+            cke["name"] == "default" and cke.get("configuration", {}).get("separator", "/") == "/"
+        )
+        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+            conf = codecs[0]["configuration"]
+            inner = tuple(conf["chunk_shape"])
+            self.shard = tuple(s // i for s, i in zip(self.chunk_shape, inner, strict=True))
+            self.index_at_end = conf.get("index_location", "end") == "end"
+            self.chunk_shape = inner
+            index_codecs = conf.get("index_codecs", [])
+            direct = direct and [c["name"] for c in index_codecs] == ["bytes", "crc32c"]
+            direct = direct and all(
+                c.get("configuration", {}).get("endian", "little") == "little" for c in index_codecs
+            )
+            codecs = conf["codecs"]
+        direct = (
+            direct
             and len(codecs) == 2
             and codecs[0]["name"] == "bytes"
             and codecs[0].get("configuration", {}).get("endian", "little") == "little"
             and codecs[1]["name"] == "zstd"
         )
-        self.array: Any = None
-        self.codec: Any = None
-        self._made: set[str] = set()
         if direct:
             from numcodecs.zstd import Zstd
 
@@ -756,8 +844,9 @@ class _ChunkWriter:
             import zarr
 
             self.array = zarr.open_array(root, path=name, mode="r+", zarr_format=3)
+            self.shard = None  # zarr writes (and rewrites) the shards itself
 
-    def write(self, chunk_index: tuple[int, ...], data: np.ndarray) -> None:
+    def add(self, chunk_index: tuple[int, ...], data: np.ndarray) -> None:
         """Write ``data`` (possibly a clipped edge chunk) as the chunk at ``chunk_index``."""
         if self.array is not None:
             sel = tuple(
@@ -771,28 +860,77 @@ class _ChunkWriter:
             full = np.zeros(self.chunk_shape, dtype=self.dtype)
             full[tuple(slice(0, n) for n in data.shape)] = data
             data = full
-        payload = self.codec.encode(np.ascontiguousarray(data, dtype=self.dtype))
-        directory = os.path.join(self.path, "c", *map(str, chunk_index[:-1]))
+        self._put(chunk_index, self.codec.encode(np.ascontiguousarray(data, dtype=self.dtype)))
+
+    def _put(self, chunk_index: tuple[int, ...], payload: bytes) -> None:
+        if self.shard is None:
+            self._write(chunk_index, [payload])
+            return
+        shard_index = tuple(i // k for i, k in zip(chunk_index, self.shard, strict=True))
+        inner = tuple(i % k for i, k in zip(chunk_index, self.shard, strict=True))
+        self._pending.setdefault(shard_index, {})[inner] = payload
+
+    def add_constant(
+        self, chunk_index: tuple[int, ...], shape: tuple[int, ...], value: int
+    ) -> None:
+        """Write a chunk whose ``shape`` pixels all equal ``value`` (encoded once per shape)."""
+        if self.array is not None:
+            self.add(chunk_index, np.full(shape, value, dtype=self.dtype))
+            return
+        key = (tuple(shape), value)
+        payload = self._constants.get(key)
+        if payload is None:
+            full = np.zeros(self.chunk_shape, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in shape)] = value
+            payload = self._constants[key] = bytes(self.codec.encode(full))
+        self._put(chunk_index, payload)
+
+    def flush(self) -> None:
+        """Write the shards of the chunks added so far (each shard whole, its index last)."""
+        assert self.shard is not None or not self._pending
+        import google_crc32c
+
+        for shard_index, chunks in sorted(self._pending.items()):
+            assert self.shard is not None
+            index = np.full((*self.shard, 2), _EMPTY, dtype="<u8")
+            index_bytes = index.nbytes + 4
+            offset = 0 if self.index_at_end else index_bytes
+            parts = []
+            for inner in sorted(chunks):  # row-major: the same bytes whatever the add order
+                payload = chunks[inner]
+                index[inner] = (offset, len(payload))
+                parts.append(payload)
+                offset += len(payload)
+            raw = index.tobytes()
+            trailer = raw + google_crc32c.value(raw).to_bytes(4, "little")
+            self._write(shard_index, parts + [trailer] if self.index_at_end else [trailer, *parts])
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Forget chunks added but not flushed (a task that failed midway)."""
+        self._pending.clear()
+
+    def _write(self, key: tuple[int, ...], parts: list[Any]) -> None:
+        directory = os.path.join(self.path, "c", *map(str, key[:-1]))
         if directory not in self._made:
             os.makedirs(directory, exist_ok=True)
             self._made.add(directory)
-        fd = os.open(
-            os.path.join(directory, str(chunk_index[-1])), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        )
+        fd = os.open(os.path.join(directory, str(key[-1])), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
 
 
-def _zarr_writers(out: str) -> tuple[_ChunkWriter, _ChunkWriter]:
+def _zarr_writers(out: str) -> tuple[_ArrayWriter, _ArrayWriter]:
     cache = _thread_cache()
     key = "zarr:" + out
     writers = cache.get(key)
     if writers is None:
-        writers = cache[key] = (_ChunkWriter(out, "image"), _ChunkWriter(out, "valid"))
+        writers = cache[key] = (_ArrayWriter(out, "image"), _ArrayWriter(out, "valid"))
         for k in [k for k in cache if k.startswith("zarr:") and k != key]:
             del cache[k]
     return writers
@@ -806,11 +944,8 @@ def _valid_from_values(data: np.ndarray, nodata: float | None) -> np.ndarray | N
     if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)):
         return None
     if nodata == 0 and data.dtype.kind in "ui":
-        # a pixel is nodata where the OR of its bands is 0: one integer pass per band
-        combined = data[0].copy()
-        for band in data[1:]:
-            combined |= band
-        return combined != 0
+        # a pixel is nodata where all its bands are 0 (any() over bands is one fast pass)
+        return np.asarray(data.any(axis=0))
     # band by band: no (band, y, x) boolean temporary
     valid = data[0] != nodata
     for band in data[1:]:
@@ -878,8 +1013,8 @@ class _TileCache:
     def _evict(self) -> None:
         if self._bytes <= self.max_bytes:
             return
-        for key in list(self._tiles):
-            entry = self._tiles[key]
+        # oldest first; tiles being decoded (events) are few and stay
+        for key, entry in list(itertools.islice(self._tiles.items(), 64)):
             if isinstance(entry, threading.Event):
                 continue
             del self._tiles[key]
@@ -930,8 +1065,66 @@ def _read_aligned(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> 
     return pieces
 
 
-def _read_warped(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> list[_Piece]:
-    """Warp the part of a source around block (r0, c0, h, w) onto the block, with its mask."""
+class _TaskWarps:
+    """Warped sources of one task, each warped once onto the task's super-block.
+
+    GDAL's warper costs milliseconds to set up, more than warping a block: a source is warped
+    onto the whole super-block (the shard, or the 8×8 blocks of an unsharded task), cut to the
+    source's footprint on block boundaries, and blocks are sliced from it. The region depends
+    only on the super-block and the source, not on which of its blocks a (resumed) run still
+    has to do, so resumed runs warp the same pixels as uninterrupted ones.
+    """
+
+    def __init__(self, job: _Job, block_id: int) -> None:
+        side = job.shard_blocks if job.shard_blocks > 1 else _TASK_SIDE
+        n_bcols = math.ceil(job.grid.width / job.tile_size)
+        brow, bcol = divmod(block_id, n_bcols)
+        t = job.tile_size
+        self.job = job
+        self.rows = (brow // side * side * t, min((brow // side + 1) * side * t, job.grid.height))
+        self.cols = (bcol // side * side * t, min((bcol // side + 1) * side * t, job.grid.width))
+        self._warped: dict[str, tuple[int, int, np.ndarray, np.ndarray] | None] = {}
+
+    def pieces(self, src: _Source, r0: int, c0: int, h: int, w: int) -> list[_Piece]:
+        """The warped source on block (r0, c0, h, w), if it has valid pixels there."""
+        if src.path not in self._warped:
+            self._warped[src.path] = self._warp(src)
+        warped = self._warped[src.path]
+        if warped is None:
+            return []
+        wr0, wc0, data, valid = warped
+        ys = slice(max(r0 - wr0, 0), max(min(r0 + h - wr0, valid.shape[0]), 0))
+        xs = slice(max(c0 - wc0, 0), max(min(c0 + w - wc0, valid.shape[1]), 0))
+        if ys.start >= ys.stop or xs.start >= xs.stop or not valid[ys, xs].any():
+            return []
+        return [
+            (
+                slice(ys.start + wr0 - r0, ys.stop + wr0 - r0),
+                slice(xs.start + wc0 - c0, xs.stop + wc0 - c0),
+                data[:, ys, xs],
+                valid[ys, xs],
+            )
+        ]
+
+    def _warp(self, src: _Source) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        job, t = self.job, self.job.tile_size
+        grid = job.grid
+        left, bottom, right, top = src.footprint
+        # the footprint in grid pixels, out to block boundaries, inside the super-block
+        r0 = max(self.rows[0], math.floor((grid.top - top) / grid.resolution / t) * t)
+        r1 = min(self.rows[1], math.ceil((grid.top - bottom) / grid.resolution / t) * t)
+        c0 = max(self.cols[0], math.floor((left - grid.left) / grid.resolution / t) * t)
+        c1 = min(self.cols[1], math.ceil((right - grid.left) / grid.resolution / t) * t)
+        if r0 >= r1 or c0 >= c1:
+            return None
+        warped = _warp_window(src, job, r0, c0, r1 - r0, c1 - c0)
+        return None if warped is None else (r0, c0, *warped)
+
+
+def _warp_window(
+    src: _Source, job: _Job, r0: int, c0: int, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Warp the part of a source around grid window (r0, c0, h, w) onto it: (data, valid)."""
     grid = job.grid
     dst_transform = grid.transform * Affine.translation(c0, r0)
     ds = _dataset(src.path)
@@ -946,7 +1139,7 @@ def _read_warped(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> l
     xs = inv.a * sx + inv.b * sy + inv.c
     ys = inv.d * sx + inv.e * sy + inv.f
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
-        return []
+        return None
     pad = _KERNEL_PAD[job.resampling]
     if job.resampling == "average":
         # average spans the whole destination pixel: pad by the scale ratio
@@ -956,12 +1149,12 @@ def _read_warped(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> l
     row0 = max(math.floor(ys.min()) - pad, 0)
     row1 = min(math.ceil(ys.max()) + pad, src.height)
     if col0 >= col1 or row0 >= row1:
-        return []
+        return None
     window = Window(col0, row0, col1 - col0, row1 - row0)
     data = ds.read(window=window)
     valid = _source_valid(ds, src, data, window)
     if not valid.any():
-        return []
+        return None
     n = data.shape[0]
     stack = np.empty((n + 1, *data.shape[1:]), dtype=data.dtype)
     stack[:n] = data
@@ -982,43 +1175,62 @@ def _read_warped(src: _Source, job: _Job, r0: int, c0: int, h: int, w: int) -> l
         SRC_ALPHA_MAX=255,
         DST_ALPHA_MAX=255,
     )
-    return [(slice(0, h), slice(0, w), dest[:n], dest[n] > 0)]
+    return dest[:n], dest[n] > 0
 
 
 def _compose_block(
-    job: _Job, block_id: int, srcs: list[_Source]
-) -> tuple[int, int, np.ndarray, np.ndarray] | tuple[int, int, None, None]:
+    job: _Job, block_id: int, srcs: list[_Source], warps: _TaskWarps
+) -> tuple[int, int, np.ndarray | None, np.ndarray | None]:
+    """Pixels of one block from its sources in precedence order.
+
+    Returns:
+        (block row, block col, image, valid), image None where no source had a valid pixel, and
+        valid None where every pixel of the block is valid.
+
+    """
     n_bcols = math.ceil(job.grid.width / job.tile_size)
     brow, bcol = divmod(block_id, n_bcols)
     r0, c0 = brow * job.tile_size, bcol * job.tile_size
     h = min(job.tile_size, job.grid.height - r0)
     w = min(job.tile_size, job.grid.width - c0)
     image: np.ndarray | None = None
-    filled: np.ndarray | None = None
+    filled = np.zeros((h, w), dtype=bool)
+    n_filled = 0  # pixels filled, counted while every piece so far was wholly valid
+    masked = False  # a piece had a validity mask: n_filled no longer counts
+    first = True  # the pieces of the first contributing source do not overlap each other
     for src in srcs:
-        reader = _read_aligned if src.offset is not None else _read_warped
-        for ys, xs, data, valid in reader(src, job, r0, c0, h, w):
+        if src.offset is not None:
+            pieces = _read_aligned(src, job, r0, c0, h, w)
+        else:
+            pieces = warps.pieces(src, r0, c0, h, w)
+        contributed = False
+        for ys, xs, data, valid in pieces:
             if valid is not None and not valid.any():
                 continue
-            if image is None or filled is None:
-                image = np.zeros((job.n_bands, h, w), dtype=job.dtype)
-                filled = np.zeros((h, w), dtype=bool)
+            contributed = True
+            if image is None:
+                # not zeroed: pixels left unfilled are zeroed at the end
+                image = np.empty((job.n_bands, h, w), dtype=job.dtype)
             region = filled[ys, xs]  # a view: updating it updates filled
-            if region.any():
+            if not first and region.any():
                 take = ~region if valid is None else valid & ~region
                 np.copyto(image[:, ys, xs], data, where=take)
                 region |= take
+                masked = True
             elif valid is None:
                 image[:, ys, xs] = data
                 region[...] = True
+                n_filled += region.size
             else:
-                # pixels not filled yet are still 0 in image
                 np.copyto(image[:, ys, xs], data, where=valid)
                 region[...] = valid
-        if filled is not None and filled.all():
-            break
-    if image is None or filled is None or not filled.any():
+                masked = True
+        first = first and not contributed
+        if contributed and (n_filled == h * w if not masked else bool(filled.all())):
+            return brow, bcol, image, None
+    if image is None or not filled.any():
         return brow, bcol, None, None
+    np.copyto(image, 0, where=~filled)
     return brow, bcol, image, filled
 
 
@@ -1030,45 +1242,76 @@ def _process_task(
     log_name = f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.log"
     fd = os.open(os.path.join(job.records, log_name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     written = empty = 0
+    lines: list[str] = []
+    warps = _TaskWarps(job, block_ids[0])  # a task's blocks share one super-block
     try:
         with rasterio.Env(**_GDAL_ENV):
             for block_id, local in zip(block_ids, src_lists, strict=True):
-                brow, bcol, image, valid = _compose_block(job, block_id, [srcs[i] for i in local])
-                if image is None or valid is None:
+                brow, bcol, image, valid = _compose_block(
+                    job, block_id, [srcs[i] for i in local], warps
+                )
+                if image is None:
                     status = "e"
                     empty += 1
                 else:
-                    image_writer.write((0, brow, bcol), image)
-                    valid_writer.write((brow, bcol), valid.view(np.uint8))
+                    image_writer.add((0, brow, bcol), image)
+                    if valid is None:
+                        valid_writer.add_constant((brow, bcol), image.shape[1:], 1)
+                    else:
+                        valid_writer.add((brow, bcol), valid.view(np.uint8))
                     status = "w"
                     written += 1
-                # the record follows the chunk writes: a kill in between only redoes this block
-                os.write(fd, f"{brow} {bcol} {status}\n".encode())
+                lines.append(f"{brow} {bcol} {status}\n")
+                if job.shard_blocks == 1:
+                    # the record follows the chunk writes: a kill in between redoes this block
+                    os.write(fd, lines.pop().encode())
+        if job.shard_blocks > 1:
+            # the records follow the shard writes: a kill in between redoes this shard
+            image_writer.flush()
+            valid_writer.flush()
+            os.write(fd, "".join(lines).encode())
     finally:
+        image_writer.discard()
+        valid_writer.discard()
         os.close(fd)
     return written, empty
+
+
+class _Task:
+    """One Dask task's work: blocks of one shard and their sources, in precedence order.
+
+    A plain class, not a tuple or dataclass: Dask passes it through as one value instead of
+    walking the thousands of block ids and sources it holds (that took a second per wave).
+    """
+
+    __slots__ = ("block_ids", "job", "src_lists", "srcs")
+
+    def __init__(
+        self, job: _Job, block_ids: list[int], src_lists: list[list[int]], srcs: list[_Source]
+    ) -> None:
+        self.job, self.block_ids, self.src_lists, self.srcs = job, block_ids, src_lists, srcs
+
+    def __call__(self) -> tuple[int, int]:
+        return _process_task(self.job, self.block_ids, self.src_lists, self.srcs)
+
+
+def _run_task(task: _Task) -> tuple[int, int]:
+    return task()
 
 
 def _run_wave(
     job: _Job, wave: list[Any], workers: int | None, client: distributed.Client | None
 ) -> list[tuple[int, int]]:
+    tasks = [_Task(job, *t) for t in wave]
     if client is not None:
-        futures = client.map(
-            _process_task,
-            [job] * len(wave),
-            [t[0] for t in wave],
-            [t[1] for t in wave],
-            [t[2] for t in wave],
-            pure=False,
-        )
-        return list(client.gather(futures))
+        return list(client.gather(client.map(_run_task, tasks, pure=False)))
     import dask
 
     # named in reverse so that the threaded scheduler, which breaks ties between independent
     # tasks by key, runs them in _group_tasks order (random names would scatter them)
     delayed = [
-        dask.delayed(_process_task, pure=False)(job, *t, dask_key_name=f"tile-{len(wave) - k:08d}")
-        for k, t in enumerate(wave)
+        dask.delayed(_run_task, pure=False)(task, dask_key_name=f"tile-{len(tasks) - k:08d}")
+        for k, task in enumerate(tasks)
     ]
     return list(
         dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1)

@@ -73,6 +73,8 @@ def _assert_same_store(a: Path, b: Path) -> None:
     chunks_a = sorted(str(p.relative_to(a)) for p in a.rglob("c/*/*") if p.is_file())
     chunks_b = sorted(str(p.relative_to(b)) for p in b.rglob("c/*/*") if p.is_file())
     assert chunks_a == chunks_b
+    for name in chunks_a:  # byte for byte: same chunks (or shards, index included)
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 # --- grid ------------------------------------------------------------------------------------
@@ -147,11 +149,54 @@ def test_store_layout_and_georeferencing(ortho, tmp_path):
     root = json.loads((out / "zarr.json").read_text())
     assert root["zarr_format"] == 3
     assert root["consolidated_metadata"] is not None
-    meta = json.loads((out / "image" / "zarr.json").read_text())
-    assert meta["fill_value"] == 0
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
-    assert json.loads((out / "valid" / "zarr.json").read_text())["codecs"][-1]["name"] == "zstd"
+    # sharded by default: 8 × 8 tile-sized chunks per file, zstd inside, crc32c on the index
+    assert ds["image"].encoding["shards"] == (4, 512, 512)
+    assert ds["valid"].encoding["shards"] == (512, 512)
+    for name, inner in (("image", [4, 64, 64]), ("valid", [64, 64])):
+        meta = json.loads((out / name / "zarr.json").read_text())
+        assert meta["fill_value"] == 0
+        assert [c["name"] for c in meta["codecs"]] == ["sharding_indexed"]
+        conf = meta["codecs"][0]["configuration"]
+        assert conf["chunk_shape"] == inner
+        assert [c["name"] for c in conf["codecs"]] == ["bytes", "zstd"]
+        assert [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
     assert records_dir(out) == out.parent / "image.zarr.blocks"
+
+
+def test_unsharded_layout_has_one_file_per_chunk(ortho, tmp_path):
+    grid = region_grid_for_sources(ortho["aligned"], crs="EPSG:2154", resolution=0.5)
+    out = _tile(ortho["aligned"], tmp_path / "image.zarr", grid=grid, shard_blocks=1).path
+    meta = json.loads((out / "image" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 64, 64]
+    n_files = len([p for p in (out / "image" / "c").rglob("*") if p.is_file()])
+    assert n_files == len(covered_blocks(out))
+
+
+@pytest.mark.parametrize("shard_blocks", [3, 8])
+def test_sharded_store_equals_unsharded_and_zarr_reads_it(ortho, tmp_path, shard_blocks):
+    import zarr
+
+    sources = ortho["aligned"] + ortho["reprojected"]
+    grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
+    plain = _tile(sources, tmp_path / "plain.zarr", grid=grid, shard_blocks=1).path
+    sharded = _tile(sources, tmp_path / "sharded.zarr", grid=grid, shard_blocks=shard_blocks).path
+    a, b = open_image(plain), open_image(sharded)
+    np.testing.assert_array_equal(a["image"].values, b["image"].values)
+    np.testing.assert_array_equal(a["valid"].values, b["valid"].values)
+    assert covered_blocks(sharded) == covered_blocks(plain)
+    # one file per shard holding a written block, per array
+    shards = {(r // shard_blocks, c // shard_blocks) for r, c in covered_blocks(plain)}
+    files = sorted(p for p in (sharded / "valid" / "c").rglob("*") if p.is_file())
+    assert len(files) == len(shards)
+    # zarr-python reads single inner chunks through the index (and checks its crc32c)
+    arr = zarr.open_array(str(sharded / "image"), mode="r")
+    assert arr.shards == (4, 64 * shard_blocks, 64 * shard_blocks) and arr.chunks == (4, 64, 64)
+    r, c = covered_blocks(plain)[-1]
+    np.testing.assert_array_equal(
+        arr[:, r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64],
+        a["image"].values[:, r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64],
+    )
 
 
 def test_reprojected_source_matches_rasterio_warp(ortho, tmp_path):
@@ -234,7 +279,8 @@ def test_newest_first_falls_back_to_mtime(tmp_path):
 # --- sparse ----------------------------------------------------------------------------------
 
 
-def test_sparse_bbox_writes_only_covered_blocks(ortho, tmp_path):
+@pytest.mark.parametrize("shard_blocks", [1, 4])
+def test_sparse_bbox_writes_only_covered_blocks(ortho, tmp_path, shard_blocks):
     a = ortho["aligned"][0]
     with rasterio.open(a) as s:
         left, bottom, right, top = s.bounds
@@ -243,16 +289,17 @@ def test_sparse_bbox_writes_only_covered_blocks(ortho, tmp_path):
         "EPSG:2154", 0.5, (left - 400, bottom - 400, right + 400, top + 400)
     )
     out = tmp_path / "image.zarr"
-    result = _tile([a], out, grid=grid, tile_size=64)
+    result = _tile([a], out, grid=grid, tile_size=64, shard_blocks=shard_blocks)
     assert result.n_blocks == (-(-grid.height // 64)) * (-(-grid.width // 64))
     blocks = covered_blocks(out)
-    image_chunks = sorted(
+    image_files = sorted(
         (int(p.parent.name), int(p.name)) for p in (out / "image" / "c" / "0").glob("*/*")
     )
-    valid_chunks = sorted(
+    valid_files = sorted(
         (int(p.parent.name), int(p.name)) for p in (out / "valid" / "c").glob("*/*")
     )
-    assert image_chunks == valid_chunks == blocks
+    shards = sorted({(r // shard_blocks, c // shard_blocks) for r, c in blocks})
+    assert image_files == valid_files == shards
     assert len(blocks) == result.n_written
     assert 0 < len(blocks) <= 36  # the 300 px sheet spans at most 6×6 blocks of 64 px
     # the covered blocks are exactly those where valid has pixels
@@ -335,14 +382,18 @@ from botaclip_core.tiling import tile_orthophotos
 args = json.loads(sys.argv[1])
 tile_orthophotos([Path(p) for p in args["sources"]], Path(args["out"]),
                  grid=RegionGrid.from_dict(args["grid"]), bands=args["bands"],
-                 wavelengths_um=args["wl"], tile_size=32, workers=1)
+                 wavelengths_um=args["wl"], tile_size=32, workers=1,
+                 shard_blocks=args["shard_blocks"])
 """
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path):
+@pytest.mark.parametrize("shard_blocks", [1, 2])
+def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path, shard_blocks):
     sources = ortho["aligned"] + ortho["reprojected"]
     grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
-    ref = _tile(sources, tmp_path / "ref" / "image.zarr", grid=grid, tile_size=32)
+    ref = _tile(
+        sources, tmp_path / "ref" / "image.zarr", grid=grid, tile_size=32, shard_blocks=shard_blocks
+    )
     out = tmp_path / "killed" / "image.zarr"
     args = json.dumps(
         {
@@ -351,6 +402,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path):
             "grid": grid.to_dict(),
             "bands": BANDS,
             "wl": WAVELENGTHS,
+            "shard_blocks": shard_blocks,
         }
     )
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, args], cwd=REPO)
@@ -369,8 +421,35 @@ def test_sigkill_then_rerun_equals_uninterrupted(ortho, tmp_path):
         not (out / "zarr.json").exists()
         or json.loads((out / "zarr.json").read_text()).get("consolidated_metadata") is None
     )
-    resumed = _tile(sources, out, grid=grid, tile_size=32)
+    resumed = _tile(sources, out, grid=grid, tile_size=32, shard_blocks=shard_blocks)
     assert resumed.n_skipped_resumed > 0
+    _assert_same_store(ref.path, out)
+
+
+def test_half_written_shard_with_some_blocks_recorded_is_redone_whole(ortho, tmp_path):
+    sources = ortho["aligned"] + ortho["reprojected"]
+    grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
+    ref = _tile(sources, tmp_path / "ref.zarr", grid=grid, tile_size=32, shard_blocks=4)
+    out = _tile(sources, tmp_path / "out.zarr", grid=grid, tile_size=32, shard_blocks=4).path
+    # a kill while writing shard (0, 0): its file cut short, only some of its blocks recorded
+    shard = out / "image" / "c" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    n_bcols = -(-grid.width // 32)
+    dropped = 0
+    for log in records_dir(out).glob("*.log"):
+        lines = log.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            r, c, _ = line.split()
+            in_shard = int(r) < 4 and int(c) < 4
+            if in_shard and (int(r) * n_bcols + int(c)) % 2:
+                dropped += 1
+                continue
+            keep.append(line)
+        log.write_text("".join(keep))
+    assert dropped > 0
+    resumed = _tile(sources, out, grid=grid, tile_size=32, shard_blocks=4)
+    assert resumed.n_written + resumed.n_empty == 16  # the whole shard, not just the dropped
     _assert_same_store(ref.path, out)
 
 
