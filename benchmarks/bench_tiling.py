@@ -164,6 +164,7 @@ def child_ours(args: argparse.Namespace) -> None:
         bands=BANDS,
         wavelengths_um=WAVELENGTHS,
         tile_size=args.tile_size,
+        zstd_level=args.zstd_level,
         workers=args.workers,
     )
     print(json.dumps({"seconds": time.perf_counter() - t0}))
@@ -210,7 +211,7 @@ def child_naive(args: argparse.Namespace) -> None:
     ds["valid"] = (
         (merged.any("band")).astype(np.uint8).chunk({"y": args.tile_size, "x": args.tile_size})
     )
-    codec = ZstdCodec(level=1)
+    codec = ZstdCodec(level=args.zstd_level)
     ds.to_zarr(
         args.out,
         mode="w",
@@ -240,6 +241,8 @@ def run_child(kind: str, sources: list[Path], out: Path, args: argparse.Namespac
         str(args.workers),
         "--crs",
         GRID_CRS[args.layout],
+        "--zstd-level",
+        str(args.zstd_level),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
     assert proc.stdout is not None
@@ -268,6 +271,7 @@ def main() -> None:
         default="aligned",
         help="aligned: copy sheets on their own lattice; reprojected: warp them to UTM 31N",
     )
+    parser.add_argument("--zstd-level", type=int, default=1, help="chunk codec level (both)")
     parser.add_argument("--child", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--crs", default=GRID_CRS["aligned"], help=argparse.SUPPRESS)
     parser.add_argument("--source-list", dest="sources", help=argparse.SUPPRESS)
@@ -302,6 +306,10 @@ def main() -> None:
             "seconds": min(ours["seconds"], run["seconds"]),
             "peak_rss_mb": max(ours["peak_rss_mb"], run["peak_rss_mb"]),
         }
+    store_mb = (
+        sum(p.stat().st_size for p in (work / "out" / "ours_1x_0.zarr").rglob("*") if p.is_file())
+        / 2**20
+    )
     ours4 = run_child("ours", quad, work / "out" / "ours_4x.zarr", args)
     naive_s = None
     if not args.skip_naive:
@@ -311,6 +319,8 @@ def main() -> None:
             {
                 "megapixels": round(megapixels, 1),
                 "sources": args.layout,
+                "zstd_level": args.zstd_level,
+                "store_mb": round(store_mb, 1),
                 "ours_s": round(ours["seconds"], 2),
                 "naive_rioxarray_s": None if naive_s is None else round(naive_s, 2),
                 "read_limit_s": round(read_s, 2),

@@ -102,6 +102,13 @@ class TileSettings(StrictModel):
         description="Chunks per Zarr shard side (one file per shard); 1 writes one file per "
         "chunk, for readers without sharding support (GDAL < 3.11).",
     )
+    zstd_level: int = Field(
+        1,
+        ge=-7,
+        le=22,
+        description="zstd level of the image chunks: 1 stores real orthophotos 8–25 % smaller "
+        "than uncompressed; negative levels tile faster and store about uncompressed sizes.",
+    )
     workers: int | None = Field(None, ge=1, description="Dask workers; default: all cores.")
 
 

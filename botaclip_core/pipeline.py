@@ -242,6 +242,7 @@ class Pipeline:
                 "orthophotos": ortho.model_dump(mode="json", exclude={"paths", "mean", "std"}),
                 "tile_size": self.catalog.tiling.tile_size,
                 "shard_blocks": self.catalog.tiling.shard_blocks,
+                "zstd_level": self.catalog.tiling.zstd_level,
             },
             {
                 "orthophotos": [
@@ -327,6 +328,7 @@ class Pipeline:
                 nodata=ortho.nodata,
                 precedence=ortho.precedence,
                 shard_blocks=self.catalog.tiling.shard_blocks,
+                zstd_level=self.catalog.tiling.zstd_level,
                 workers=self.catalog.tiling.workers,
                 dask_client=client,
             )

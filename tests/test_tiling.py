@@ -222,6 +222,51 @@ def test_reprojected_source_matches_rasterio_warp(ortho, tmp_path):
     assert diff.mean() <= 1.0
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_warp_with_nodata_holes_matches_rasterio_warp(tmp_path, dtype):
+    # a UTM sheet with nodata blobs inside and a ragged collar: the fast warp (mask as a plain
+    # band) plus the masked re-warp of the kernel-straddling pixels must agree with GDAL's masked
+    # warp of the whole sheet
+    rng = np.random.default_rng(11)
+    size = 600
+    yy, xx = np.mgrid[0:size, 0:size]
+    scale = 1 if dtype == "uint8" else 200
+    data = np.stack(
+        [
+            (60 + 40 * np.sin(xx / (9 + 4 * b)) + 30 * np.cos(yy / 13) + b * 10) * scale
+            for b in range(4)
+        ]
+    )
+    data = np.clip(data + rng.integers(0, 3, data.shape), 1, None).astype(dtype)
+    holes = np.zeros((size, size), dtype=bool)
+    for cy, cx, r in rng.integers([50, 50, 8], [550, 550, 40], size=(12, 3)):
+        holes |= (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    holes |= xx + rng.integers(0, 6, size)[:, None] < 20  # a ragged left collar
+    data[:, holes] = 0
+    src = write_sheet(
+        tmp_path / "utm.tif", data, left=448_000, top=5_413_000, crs="EPSG:32631", blocksize=256
+    )
+    grid = region_grid_for_sources([src], crs="EPSG:2154", resolution=0.5)
+    ds = open_image(_tile([src], tmp_path / "image.zarr", grid=grid).path)
+    with rasterio.open(src) as s:
+        ref = np.zeros((4, *grid.shape), dtype=dtype)
+        reproject(
+            rasterio.band(s, [1, 2, 3, 4]),
+            ref,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.bilinear,
+            src_nodata=0,
+            dst_nodata=0,
+        )
+    valid, ref_valid = ds["valid"].values.astype(bool), ref.any(axis=0)
+    assert (valid ^ ref_valid).sum() <= 0.002 * ref_valid.sum()
+    both = valid & ref_valid
+    diff = np.abs(ds["image"].values[:, both].astype(int) - ref[:, both].astype(int))
+    assert diff.mean() <= 0.05 * scale
+    assert np.quantile(diff, 0.999) <= scale
+
+
 def test_precedence_catalog_order(ortho, tmp_path):
     a, b = ortho["aligned"][0], ortho["aligned"][1]
     grid = region_grid_for_sources([a, b], crs="EPSG:2154", resolution=0.5)
@@ -530,6 +575,29 @@ def test_bad_settings_rejected(ortho, tmp_path):
         _tile(ortho["aligned"], tmp_path / "i.zarr", grid=grid, precedence="random")
     with pytest.raises(InputDataError, match="wavelengths_um"):
         _tile(ortho["aligned"], tmp_path / "i.zarr", grid=grid, wavelengths_um=[0.5])
+    with pytest.raises(InputDataError, match="shard_blocks: 0"):
+        _tile(ortho["aligned"], tmp_path / "i.zarr", grid=grid, shard_blocks=0)
+    with pytest.raises(InputDataError, match="zstd_level: 30 .* -7 to 22"):
+        _tile(ortho["aligned"], tmp_path / "i.zarr", grid=grid, zstd_level=30)
+    assert not (tmp_path / "i.zarr").exists()
+
+
+def test_zstd_level_is_recorded_and_trades_size(ortho, tmp_path):
+    grid = region_grid_for_sources(ortho["aligned"], crs="EPSG:2154", resolution=0.5)
+    sizes = {}
+    for level in (-5, 1):
+        out = _tile(ortho["aligned"], tmp_path / f"l{level}.zarr", grid=grid, zstd_level=level).path
+        meta = json.loads((out / "image" / "zarr.json").read_text())
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        assert inner[1] == {"name": "zstd", "configuration": {"level": level, "checksum": False}}
+        sizes[level] = sum(
+            p.stat().st_size for p in (out / "image" / "c").rglob("*") if p.is_file()
+        )
+        if level == 1:
+            np.testing.assert_array_equal(
+                open_image(out)["image"].values, open_image(tmp_path / "l-5.zarr")["image"].values
+            )
+    assert sizes[1] < sizes[-5]
 
 
 # --- real data -------------------------------------------------------------------------------
