@@ -52,7 +52,7 @@ _GDAL_ENV = {
     # hence per thread) only serves warped reads; small, so the two caches do not add up
     "GDAL_CACHEMAX": 64 * 2**20,  # bytes: rasterio passes small integers as bytes
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "VSI_CACHE": True,
+    "VSI_CACHE": False,  # per-handle read cache: pointless for local files, 25 MB each
 }
 # unsharded stores: 8×8 blocks per Dask task, so that neighbours share decompressed source tiles;
 # sharded stores: one shard per task (a shard file is written whole, by one task)
