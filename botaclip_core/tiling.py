@@ -54,17 +54,18 @@ _GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "VSI_CACHE": False,  # per-handle read cache: pointless for local files, 25 MB each
 }
-# unsharded stores: 8×8 blocks per Dask task, so that neighbours share decompressed source tiles;
-# sharded stores: one shard per task (a shard file is written whole, by one task)
+# a Dask task is one shard (written whole, by one task), or 8×8 blocks when unsharded: blocks of
+# a task share decompressed source tiles and warps
 _TASK_SIDE = 8
 DEFAULT_SHARD_BLOCKS = 8
 # zstd level 1 stores real 0.1–5 m orthophotos 8–25 % smaller than uncompressed at ~600 MB/s per
 # core; negative levels are 4× faster but leave such imagery about as large as it is
 DEFAULT_ZSTD_LEVEL = 1
 _EMPTY = 2**64 - 1  # shard index entry of an inner chunk that is not stored
-# tasks are ordered in vertical stripes of this many task columns, top to bottom: a source tile
-# shared by two tasks is then reused from _TILES after a bounded delay, whatever the region width
-_STRIPE_TASKS = 8
+# tasks are ordered in vertical stripes about this many 8-block task columns wide, top to bottom:
+# a source tile shared by two tasks is then reused from _TILES after a bounded delay, whatever
+# the region width
+_STRIPE_TASKS = 4
 _BLOCKS_PER_WAVE = 16384  # graph size bound: one wave of tasks at a time
 _MAX_OPEN_PER_THREAD = 8  # tasks are spatially compact: few sources are live at once
 # decoded source tiles kept per process; holds a stripe's row of tasks with room to spare
@@ -908,7 +909,7 @@ class _ArrayWriter:
         self._put(chunk_index, payload)
 
     def flush(self) -> None:
-        """Write the shards of the chunks added so far (each shard whole, its index last)."""
+        """Write the shards of the chunks added so far, each whole, with its index."""
         assert self.shard is not None or not self._pending
         import google_crc32c
 
