@@ -43,7 +43,8 @@ lint: $(VENV)/.stamp-test
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.stamp-install
-	$(PY) benchmarks/bench_tiling.py
+	$(PY) benchmarks/bench_tiling.py --repeat 3
+	$(PY) benchmarks/bench_tiling.py --repeat 2 --sources reprojected
 	$(PY) benchmarks/bench_train.py
 
 server: $(VENV)/.stamp-install
