@@ -517,6 +517,30 @@ def test_distributed_client_gives_same_store(ortho, tmp_path):
     )
 
 
+def test_worker_processes_give_the_same_store_byte_for_byte(ortho, tmp_path):
+    # two worker processes, each writing whole shards and its own records log
+    distributed = pytest.importorskip("distributed")
+    sources = ortho["aligned"] + ortho["reprojected"]
+    grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
+    ref = _tile(sources, tmp_path / "ref.zarr", grid=grid, tile_size=32, shard_blocks=2)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        got = _tile(
+            sources,
+            tmp_path / "proc.zarr",
+            grid=grid,
+            tile_size=32,
+            shard_blocks=2,
+            dask_client=client,
+        )
+    assert len(list(records_dir(got.path).glob("*.log"))) == 2
+    _assert_same_store(ref.path, got.path)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
