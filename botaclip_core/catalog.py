@@ -100,7 +100,7 @@ class TileSettings(StrictModel):
         8,
         ge=1,
         description="Chunks per Zarr shard side (one file per shard); 1 writes one file per "
-        "chunk, for readers without sharding support (GDAL < 3.11).",
+        "chunk, for readers without sharding support (GDAL < 3.13).",
     )
     zstd_level: int = Field(
         1,

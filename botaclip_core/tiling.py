@@ -219,7 +219,7 @@ def tile_orthophotos(
     into Zarr v3 shards (``sharding_indexed``: one file per shard and array instead of one per
     block, which is what file systems and object stores need at millions of blocks); readers see
     tile-sized chunks either way. ``shard_blocks=1`` writes one file per chunk, for readers
-    without sharding support (GDAL < 3.11).
+    without sharding support (GDAL < 3.13).
 
     The store is sparse: blocks that no source footprint touches are never read nor written, and
     blocks whose sources are all nodata there are not written either; the fill value (0, valid 0)
