@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor used on opened stores)
@@ -357,15 +358,8 @@ def covered_blocks(zarr_path: Path) -> list[tuple[int, int]]:
         raise InputDataError(
             f"{zarr_path}: no 'valid' array; this is not an image Zarr written by tile_orthophotos."
         )
-    meta = json.loads((valid / "zarr.json").read_text())
-    shard = (1, 1)
-    index_at_end = True
-    codecs = meta["codecs"]
-    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
-        conf = codecs[0]["configuration"]
-        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        shard = (outer[0] // conf["chunk_shape"][0], outer[1] // conf["chunk_shape"][1])
-        index_at_end = conf.get("index_location", "end") == "end"
+    _, shard, index_at_end = _shard_layout(json.loads((valid / "zarr.json").read_text()))
+    shard = shard or (1, 1)
     index_bytes = shard[0] * shard[1] * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
     blocks = []
     chunk_root = valid / "c"
@@ -411,6 +405,20 @@ def open_image(zarr_path: Path) -> xr.Dataset:
 
 
 # --- validation and source inspection ---------------------------------------------------------
+
+
+def _shard_layout(
+    meta: dict[str, Any],
+) -> tuple[tuple[int, ...], tuple[int, ...] | None, bool]:
+    """(chunk shape, chunks per shard per dimension or None if unsharded, index at the end)."""
+    chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    codecs = meta["codecs"]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        conf = codecs[0]["configuration"]
+        inner = tuple(conf["chunk_shape"])
+        per_shard = tuple(s // i for s, i in zip(chunk_shape, inner, strict=True))
+        return inner, per_shard, conf.get("index_location", "end") == "end"
+    return chunk_shape, None, True
 
 
 def _validate_settings(
@@ -547,19 +555,26 @@ def _fingerprint(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+def _footprint_blocks(src: _Source, grid: RegionGrid, tile_size: int) -> tuple[int, ...]:
+    """(row0, row1, col0, col1) of the grid blocks a source's footprint touches, unclipped."""
+    left, bottom, right, top = src.footprint
+    step = grid.resolution * tile_size
+    return (
+        math.floor((grid.top - top) / step + 1e-9),
+        math.ceil((grid.top - bottom) / step - 1e-9),
+        math.floor((left - grid.left) / step + 1e-9),
+        math.ceil((right - grid.left) / step - 1e-9),
+    )
+
+
 def _candidate_blocks(
     infos: list[_Source], grid: RegionGrid, tile_size: int, n_bcols: int
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Blocks touched by a source footprint, with their sources in precedence order."""
     n_brows = math.ceil(grid.height / tile_size)
-    res = grid.resolution
     pair_blocks, pair_srcs = [], []
     for idx, s in enumerate(infos):
-        left, bottom, right, top = s.footprint
-        c0 = math.floor((left - grid.left) / res / tile_size + 1e-9)
-        c1 = math.ceil((right - grid.left) / res / tile_size - 1e-9)
-        r0 = math.floor((grid.top - top) / res / tile_size + 1e-9)
-        r1 = math.ceil((grid.top - bottom) / res / tile_size - 1e-9)
+        r0, r1, c0, c1 = _footprint_blocks(s, grid, tile_size)
         c0, r0 = max(c0, 0), max(r0, 0)
         c1, r1 = min(c1, n_bcols), min(r1, n_brows)
         if c0 >= c1 or r0 >= r1:
@@ -825,10 +840,9 @@ class _ArrayWriter:
     def __init__(self, root: str, name: str) -> None:
         meta = json.loads((Path(root) / name / "zarr.json").read_text())
         self.path = os.path.join(root, name)
-        self.chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.shard: tuple[int, ...] | None = None  # inner chunks per shard, per dimension
-        self.index_at_end = True
+        # shard: inner chunks per shard, per dimension (None: unsharded)
+        self.chunk_shape, self.shard, self.index_at_end = _shard_layout(meta)
         self._pending: dict[tuple[int, ...], dict[tuple[int, ...], bytes]] = {}
         self._constants: dict[tuple[tuple[int, ...], int], bytes] = {}
         self._made: set[str] = set()
@@ -839,12 +853,8 @@ class _ArrayWriter:
         direct = (
             cke["name"] == "default" and cke.get("configuration", {}).get("separator", "/") == "/"
         )
-        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        if self.shard is not None:
             conf = codecs[0]["configuration"]
-            inner = tuple(conf["chunk_shape"])
-            self.shard = tuple(s // i for s, i in zip(self.chunk_shape, inner, strict=True))
-            self.index_at_end = conf.get("index_location", "end") == "end"
-            self.chunk_shape = inner
             index_codecs = conf.get("index_codecs", [])
             direct = direct and [c["name"] for c in index_codecs] == ["bytes", "crc32c"]
             direct = direct and all(
@@ -911,8 +921,6 @@ class _ArrayWriter:
     def flush(self) -> None:
         """Write the shards of the chunks added so far, each whole, with its index."""
         assert self.shard is not None or not self._pending
-        import google_crc32c
-
         for shard_index, chunks in sorted(self._pending.items()):
             assert self.shard is not None
             index = np.full((*self.shard, 2), _EMPTY, dtype="<u8")
@@ -1131,13 +1139,10 @@ class _TaskWarps:
 
     def _warp(self, src: _Source) -> tuple[int, int, np.ndarray, np.ndarray] | None:
         job, t = self.job, self.job.tile_size
-        grid = job.grid
-        left, bottom, right, top = src.footprint
-        # the footprint in grid pixels, out to block boundaries, inside the super-block
-        r0 = max(self.rows[0], math.floor((grid.top - top) / grid.resolution / t) * t)
-        r1 = min(self.rows[1], math.ceil((grid.top - bottom) / grid.resolution / t) * t)
-        c0 = max(self.cols[0], math.floor((left - grid.left) / grid.resolution / t) * t)
-        c1 = min(self.cols[1], math.ceil((right - grid.left) / grid.resolution / t) * t)
+        # the footprint's blocks, in grid pixels, inside the super-block
+        br0, br1, bc0, bc1 = _footprint_blocks(src, job.grid, t)
+        r0, r1 = max(self.rows[0], br0 * t), min(self.rows[1], br1 * t)
+        c0, c1 = max(self.cols[0], bc0 * t), min(self.cols[1], bc1 * t)
         if r0 >= r1 or c0 >= c1:
             return None
         warped = _warp_window(src, job, r0, c0, r1 - r0, c1 - c0)
@@ -1343,12 +1348,9 @@ class _Task:
     ) -> None:
         self.job, self.block_ids, self.src_lists, self.srcs = job, block_ids, src_lists, srcs
 
-    def __call__(self) -> tuple[int, int]:
-        return _process_task(self.job, self.block_ids, self.src_lists, self.srcs)
-
 
 def _run_task(task: _Task) -> tuple[int, int]:
-    return task()
+    return _process_task(task.job, task.block_ids, task.src_lists, task.srcs)
 
 
 def _run_wave(

@@ -51,6 +51,22 @@ def _read(path):
         return ds.read(), ds.nodata
 
 
+def _rasterio_warp(src: Path, grid: RegionGrid) -> np.ndarray:
+    """The reference: ``rasterio.warp.reproject`` of the whole source, bilinear, nodata 0."""
+    with rasterio.open(src) as s:
+        ref = np.zeros((s.count, *grid.shape), dtype=s.dtypes[0])
+        reproject(
+            rasterio.band(s, list(range(1, s.count + 1))),
+            ref,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            resampling=Resampling.bilinear,
+            src_nodata=0,
+            dst_nodata=0,
+        )
+    return ref
+
+
 def _store_snapshot(store: Path) -> dict:
     """Every array's values and every metadata document of a store."""
     snap = {}
@@ -203,17 +219,7 @@ def test_reprojected_source_matches_rasterio_warp(ortho, tmp_path):
     src = ortho["reprojected"][0]
     grid = region_grid_for_sources([src], crs="EPSG:2154", resolution=0.5)
     ds = open_image(_tile([src], tmp_path / "image.zarr", grid=grid).path)
-    with rasterio.open(src) as s:
-        ref = np.zeros((4, *grid.shape), dtype=np.uint8)
-        reproject(
-            rasterio.band(s, [1, 2, 3, 4]),
-            ref,
-            dst_transform=grid.transform,
-            dst_crs=grid.crs,
-            resampling=Resampling.bilinear,
-            src_nodata=0,
-            dst_nodata=0,
-        )
+    ref = _rasterio_warp(src, grid)
     valid = ds["valid"].values.astype(bool)
     ref_valid = ref.any(axis=0)
     both = valid & ref_valid
@@ -248,17 +254,7 @@ def test_warp_with_nodata_holes_matches_rasterio_warp(tmp_path, dtype):
     )
     grid = region_grid_for_sources([src], crs="EPSG:2154", resolution=0.5)
     ds = open_image(_tile([src], tmp_path / "image.zarr", grid=grid).path)
-    with rasterio.open(src) as s:
-        ref = np.zeros((4, *grid.shape), dtype=dtype)
-        reproject(
-            rasterio.band(s, [1, 2, 3, 4]),
-            ref,
-            dst_transform=grid.transform,
-            dst_crs=grid.crs,
-            resampling=Resampling.bilinear,
-            src_nodata=0,
-            dst_nodata=0,
-        )
+    ref = _rasterio_warp(src, grid)
     valid, ref_valid = ds["valid"].values.astype(bool), ref.any(axis=0)
     assert (valid ^ ref_valid).sum() <= 0.002 * ref_valid.sum()
     both = valid & ref_valid
@@ -651,17 +647,7 @@ def test_naip_reprojected_matches_rasterio_warp(tmp_path):
     src = sorted(_realdata("naip").glob("*.tif"))[0]
     grid = region_grid_for_sources([src], crs="EPSG:32614", resolution=5.0)
     ds = open_image(_tile([src], tmp_path / "naip.zarr", grid=grid, tile_size=224).path)
-    with rasterio.open(src) as s:
-        ref = np.zeros((4, *grid.shape), dtype=np.uint8)
-        reproject(
-            rasterio.band(s, [1, 2, 3, 4]),
-            ref,
-            dst_transform=grid.transform,
-            dst_crs=grid.crs,
-            resampling=Resampling.bilinear,
-            src_nodata=0,
-            dst_nodata=0,
-        )
+    ref = _rasterio_warp(src, grid)
     valid = ds["valid"].values.astype(bool)
     both = valid & ref.any(axis=0)
     assert both.sum() > 0.95 * valid.sum()
