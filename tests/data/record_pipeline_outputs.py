@@ -1,0 +1,37 @@
+"""Record the tiny demo's outputs (every variant) as the reference for test_recorded_outputs.
+
+Run from the repository root: ``.venv/bin/python tests/data/record_pipeline_outputs.py``.
+Recorded from the code before the stages refactor (issue 8); rerun only when a change of
+outputs is intended, and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline_outputs import VARIANTS, run_variant, summarize  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "golden"
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    infos = {}
+    for name in VARIANTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run_variant(Path(tmp), name)
+            info, arrays = summarize(Path(tmp), report)
+        infos[name] = info
+        np.savez_compressed(OUT / f"{name}.npz", **arrays)
+        print(name, info["stages"], {k: v.shape for k, v in arrays.items()})
+    (OUT / "pipeline_outputs.json").write_text(json.dumps(infos, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

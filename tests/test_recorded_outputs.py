@@ -1,0 +1,36 @@
+"""The tiny demo and its variants give the outputs recorded before the stages refactor.
+
+The reference (``tests/data/golden``) was written by ``tests/data/record_pipeline_outputs.py``
+from the code as it was before stages became modules (issue 8): the image store byte for
+byte, chip features, checkpoints, embeddings and metrics value for value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_outputs import VARIANTS, run_variant, summarize
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_outputs_equal_the_recorded_ones(tmp_path, variant):
+    expected = json.loads((GOLDEN / "pipeline_outputs.json").read_text())[variant]
+    arrays = dict(np.load(GOLDEN / f"{variant}.npz"))
+    report = run_variant(tmp_path, variant)
+    info, got = summarize(tmp_path, report)
+    assert set(expected["stages"]) <= set(info["stages"])
+    assert info["embeddings"] == expected["embeddings"]
+    assert info.get("image_sha256") == expected.get("image_sha256")
+    got_rows = {tuple(r[:4]): r[4] for r in info["downstream"]}
+    want_rows = {tuple(r[:4]): r[4] for r in expected["downstream"]}
+    assert got_rows.keys() == want_rows.keys()
+    for key, value in want_rows.items():
+        assert got_rows[key] == pytest.approx(value, abs=2e-4), key
+    assert sorted(got) == sorted(arrays)
+    for name, want in arrays.items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=name)
