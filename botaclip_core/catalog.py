@@ -155,7 +155,9 @@ class FinetuneSettings(StrictModel):
         True, description="Also train the supervised BotaSP baseline adapter on cached features."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Training device; auto = CUDA when available, else CPU."
+        "auto",
+        description="Training device; auto = CUDA when available, else CPU.",
+        json_schema_extra={"runtime": True},  # where it trains, not what: not in stage keys
     )
 
     @model_validator(mode="after")
@@ -277,6 +279,11 @@ class Catalog(StrictModel):
                 f"region {name!r} is not in the catalog; defined regions: {sorted(self.regions)}. "
                 "Pass one of them with --region."
             ) from None
+
+    def site_datasets(self, region: str) -> list[str]:
+        """The region's site datasets: its relevés (if any) first, then its targets."""
+        spec = self.region(region)
+        return ([spec.releves] if spec.releves else []) + list(spec.targets)
 
     def orthophoto_files(self, region: str) -> list[Path]:
         """Expand the orthophoto globs of a region, in catalog order, without duplicates.

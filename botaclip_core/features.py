@@ -11,6 +11,7 @@ import torch
 
 from botaclip_core.models import build_dofa
 from botaclip_core.models.dofa import DOFA
+from botaclip_core.seeding import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def load_backbone(size: str, weights: str | None, seed: int = 0) -> DOFA:
 
     Random initialisation is seeded so that every worker, and every rerun, builds the same model.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = build_dofa(size=size, weights=weights)
     model.eval()
     for p in model.parameters():

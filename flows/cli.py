@@ -32,6 +32,15 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def _stage_names() -> str:
+    from botaclip_core.stages import registry
+
+    return ",".join(registry.names())
+
+
+_STAGE_NAMES = _stage_names()
+
+
 def _print_report(report: dict[str, Any]) -> None:
     stages = Table(title=f"region {report['region']}: stages")
     for col in ("stage", "status", "seconds", "output"):
@@ -94,11 +103,7 @@ def _run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     cat = load_catalog(catalog, overrides)
-    result = run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
-    result["report_path"] = str(
-        (report or cat.workdir_path / "reports" / f"{region}.json").resolve()
-    )
-    return result
+    return run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
 
 
 def _fail(exc: BotaclipError) -> None:
@@ -145,7 +150,7 @@ def run(
     region: Annotated[str, typer.Option(help="Region name in the catalog.")],
     stages: Annotated[
         str | None,
-        typer.Option(help="Comma-separated stages: tile,rasterize,finetune,embed,downstream."),
+        typer.Option(help=f"Comma-separated stages (and what they need): {_STAGE_NAMES}."),
     ] = None,
     report: Annotated[
         Path | None, typer.Option(help="Report path (default <workdir>/reports/<region>.json).")

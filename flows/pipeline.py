@@ -1,20 +1,20 @@
-"""The BotaCLIP pipeline flow: plan, then tile → rasterize → finetune → embed → downstream."""
+"""The BotaCLIP pipeline flow: the region's plan mapped onto one Prefect task per stage."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture
 from pydantic import Field
 
-from botaclip_core.catalog import StrictModel, dump_catalog, load_catalog
-from botaclip_core.pipeline import build_report, write_report
-from botaclip_core.store import SUCCESS, StageResult
-from tasks.stages import plan_region, run_stage
+from botaclip_core.catalog import StrictModel
+from botaclip_core.pipeline import RegionPlan, execute, finish, stage_artifacts
+from botaclip_core.store import StageResult
+from tasks.stages import plan_task, stage_task
 
 
 class PipelineParams(StrictModel):
@@ -34,7 +34,7 @@ class PipelineParams(StrictModel):
     )
 
 
-def _result(stage: str, state: Any) -> StageResult:
+def _record(stage: str, state: Any) -> StageResult:
     record = state.result()
     status = "cached" if state.name == "Cached" else record["status"]
     seconds = 0.0 if status == "cached" else record["seconds"]
@@ -45,55 +45,30 @@ def _result(stage: str, state: Any) -> StageResult:
 
 @flow(name="botaclip-pipeline", flow_run_name="{params.region}", log_prints=False)
 def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
-    """Run the pipeline for one region; writes and returns the report."""
+    """Run the pipeline for one region: every stage a task run, independent branches at once."""
     logger = get_run_logger()
-    start = time.perf_counter()
+    started = time.perf_counter()
     catalog_path = str(Path(params.catalog).resolve())
-    catalog = load_catalog(catalog_path, params.overrides)
-    plan = plan_region(catalog_path, params.region, params.stages, params.overrides)
+    planned = plan_task(catalog_path, params.region, params.stages, params.overrides)
+    plan = RegionPlan.from_dict(planned)
     # cache records live in the artifact store: removing the workdir forgets them too
-    staged = run_stage.with_options(result_storage=catalog.workdir_path / "_prefect")
-    results: dict[str, StageResult] = {}
-    for stage in plan["stages"]:
-        state = staged(stage, plan, return_state=True)
-        if state.is_failed():
-            state.result()  # re-raises the stage's error
-        result = _result(stage, state)
-        if not (result.path / SUCCESS).is_file():  # Prefect remembered an output that was removed
-            logger.warning("%s: cached record points to a missing output; recomputing", stage)
-            result = _result(
-                stage, staged.with_options(refresh_cache=True)(stage, plan, return_state=True)
-            )
-        logger.info("%s: %s in %.1f s", stage, result.status, result.seconds)
-        results[stage] = result
-    report = build_report(params.region, results)
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    report_path = (
-        Path(params.report)
-        if params.report
-        else catalog.workdir_path / "reports" / f"{params.region}.json"
+    staged = stage_task.with_options(result_storage=Path(plan.workdir) / "_prefect")
+
+    def submit(stage: str, after: list[PrefectFuture[Any]]) -> PrefectFuture[Any]:
+        # the store is authoritative: a Prefect record of an output removed since is not trusted
+        missing = not plan.store.is_complete(stage, plan.stages[stage].key)
+        return staged.with_options(refresh_cache=missing).submit(stage, planned, wait_for=after)
+
+    def result(stage: str, future: PrefectFuture[Any]) -> StageResult:
+        future.wait()
+        res = _record(stage, future.state)  # re-raises the stage's error
+        logger.info("%s: %s in %.1f s", stage, res.status, res.seconds)
+        return res
+
+    results = execute(plan, submit, result)
+    report = finish(
+        plan, results, started=started, report_path=Path(params.report) if params.report else None
     )
-    write_report(report, report_path)
-    (report_path.parent / f"{params.region}.catalog.yaml").write_text(dump_catalog(catalog))
-    report["report_path"] = str(report_path.resolve())
-    finetune = results.get("finetune")
-    if finetune is not None and finetune.status == "completed":
-        history = json.loads((finetune.path / "history.json").read_text())
-        create_table_artifact(
-            key=f"botaclip-training-{params.region}".lower().replace("_", "-"),
-            table=[
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()}
-                for h in history
-            ],
-            description=f"BotaCLIP training curve, region {params.region} (validation: spatially held-out plots)",
-        )
-    if report["downstream"]:
-        create_table_artifact(
-            key=f"botaclip-metrics-{params.region}".lower().replace("_", "-"),
-            table=[
-                {k: r[k] for k in ("task", "features", "model", "metric", "value", "n_targets")}
-                for r in report["downstream"]
-            ],
-            description=f"Downstream metrics, region {params.region} (spatially blocked CV)",
-        )
+    for table in stage_artifacts(params.region, results):
+        create_table_artifact(key=table.key, table=table.rows, description=table.description)
     return report

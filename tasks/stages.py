@@ -10,10 +10,10 @@ from prefect.states import get_state_exception
 
 from botaclip_core.catalog import load_catalog
 from botaclip_core.errors import BotaclipError
-from botaclip_core.pipeline import Pipeline, RegionPlan
+from botaclip_core.pipeline import RegionPlan, plan_region, run_stage
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+def stage_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
     """``botaclip-<stage>-<store key>``: the same identity the artifact store uses."""
     stage = parameters["stage"]
     return f"botaclip-{stage}-{parameters['plan']['stages'][stage]['key']}"
@@ -25,19 +25,15 @@ def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="plan", retries=0, tags=["botaclip"])
-def plan_region(
+def plan_task(
     catalog_path: str,
     region: str,
     stages: list[str] | None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keys of the stages to run (cheap: file fingerprints and settings)."""
+    """Keys and settings of the stages to run (cheap: file fingerprints and settings)."""
     catalog = load_catalog(catalog_path, overrides)
-    return (
-        Pipeline(catalog, region, catalog_path=catalog_path, overrides=overrides)
-        .plan(stages)
-        .to_dict()
-    )
+    return plan_region(catalog, region, stages, catalog_path=catalog_path).to_dict()
 
 
 @task(
@@ -50,8 +46,6 @@ def plan_region(
     persist_result=True,
     tags=["botaclip"],
 )
-def run_stage(stage: str, plan: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage from its plan; returns the stage record (paths, key, status, seconds)."""
-    catalog = load_catalog(plan["catalog_path"], plan.get("overrides"))
-    pipeline = Pipeline(catalog, plan["region"], catalog_path=plan["catalog_path"])
-    return pipeline.run_stage(RegionPlan.from_dict(plan), stage).record()
+def stage_task(stage: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage of a plan; returns the stage record (paths, key, status, seconds)."""
+    return run_stage(RegionPlan.from_dict(plan), stage).record()

@@ -79,7 +79,8 @@ def test_cli_runs_named_stages_without_targets(tmp_path, stages):
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "reports" / "demo.json").read_text())
-    assert list(report["stages"]) == ["tile", "embed"] and list(report["embeddings"]) == ["dofa"]
+    assert list(report["stages"]) == ["tile", "embed-dofa", "embed"]
+    assert list(report["embeddings"]) == ["dofa"]
 
 
 def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
@@ -128,3 +129,25 @@ def test_bad_data_fails_once_with_a_clear_message(tmp_path, prefect_harness):
 
     runs = asyncio.run(failed_runs())
     assert runs and all(r.run_count == 1 for r in runs)  # an input error is not retried
+
+
+def test_report_outside_the_workdir_in_process_and_under_prefect(tmp_path, prefect_harness):
+    catalog = write_demo_region(tmp_path / "demo", size="tiny")
+    elsewhere = tmp_path / "elsewhere" / "nested" / "vercors.json"  # folders that do not exist
+    runner = CliRunner()
+    args = ["run", str(catalog), "--region", "demo", "--report", str(elsewhere)]
+    result = runner.invoke(app, [*args, "--no-prefect"])
+    assert result.exit_code == 0, result.output
+    in_process = json.loads(elsewhere.read_text())
+    assert (elsewhere.parent / "demo.catalog.yaml").is_file()
+    assert not (tmp_path / "demo" / "reports").exists()  # nothing written where it was not asked
+    elsewhere.unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    under_prefect = json.loads(elsewhere.read_text())
+    for key in ("region", "embeddings", "downstream", "model_card", "report_path"):
+        assert under_prefect[key] == in_process[key], key
+    assert {k: v["key"] for k, v in under_prefect["stages"].items()} == {
+        k: v["key"] for k, v in in_process["stages"].items()
+    }
+    assert in_process["report_path"] == str(elsewhere.resolve())

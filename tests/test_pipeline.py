@@ -20,7 +20,10 @@ import yaml
 from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
 from botaclip_core.errors import CatalogError
-from botaclip_core.pipeline import STAGES, resolve_stages, run_region
+from botaclip_core.pipeline import resolve_stages, run_region
+from botaclip_core.stages.context import PlanContext
+
+ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
 
 def run(catalog_path: Path, **kwargs):
@@ -38,29 +41,30 @@ def metric_table(report):
     return {(r["task"], r["features"], r["metric"]): r["value"] for r in report["downstream"]}
 
 
-def test_resolve_stages():
-    assert resolve_stages(["downstream"], has_releves=True, has_targets=True) == list(STAGES)
-    assert resolve_stages(["embed"], has_releves=False, has_targets=False) == ["tile", "embed"]
-    assert resolve_stages(["finetune"], has_releves=True, has_targets=True) == [
-        "rasterize",
-        "finetune",
-    ]
-    assert resolve_stages(None, has_releves=False, has_targets=True) == [
-        "tile",
-        "rasterize",
-        "embed",
-        "downstream",
-    ]
-    with pytest.raises(CatalogError, match="unknown stage 'tiles'"):
-        resolve_stages(["tiles"], has_releves=True, has_targets=True)
-    with pytest.raises(CatalogError, match="needs the region's 'releves'"):
-        resolve_stages(["finetune"], has_releves=False, has_targets=True)
+def test_resolve_stages(tmp_path):
+    def resolved(overrides, stages):
+        catalog = write_demo_region(tmp_path, size="tiny", catalog_overrides=overrides)
+        return resolve_stages(PlanContext(load_catalog(catalog), "demo"), stages)
+
+    everything = {}
+    no_releves = {"regions": {"demo": {"releves": None}}}
+    bare = {"regions": {"demo": {"releves": None, "targets": []}}}
+    assert resolved(everything, ["downstream"]) == ALL_STAGES
+    assert resolved(bare, ["embed"]) == ["tile", "embed-dofa", "embed"]
+    assert resolved(everything, ["finetune"]) == ["rasterize", "features", "finetune"]
+    assert resolved(no_releves, None) == ["tile", "rasterize", "embed-dofa", "embed", "downstream"]
+    with pytest.raises(CatalogError, match="unknown stage 'tiles'; stages are tile, rasterize"):
+        resolved(everything, ["tiles"])
+    with pytest.raises(CatalogError, match="stage 'finetune' needs the region's 'releves'"):
+        resolved(no_releves, ["finetune"])
+    with pytest.raises(CatalogError, match="stage 'downstream' needs the region's 'targets'"):
+        resolved(bare, ["downstream"])
 
 
 def test_report_follows_schema(tiny):
     catalog, report = tiny
     assert report["region"] == "demo"
-    assert list(report["stages"]) == list(STAGES)
+    assert list(report["stages"]) == ALL_STAGES
     for stage in report["stages"].values():
         assert (
             stage["status"] == "completed"
@@ -138,13 +142,7 @@ def test_changes_rerun_only_what_they_affect(tiny):
     catalog.write_text(yaml.safe_dump(data))
     report = run(catalog)
     status = {k: v["status"] for k, v in report["stages"].items()}
-    assert status == {
-        "tile": "cached",
-        "rasterize": "cached",
-        "finetune": "cached",
-        "embed": "cached",
-        "downstream": "completed",
-    }
+    assert status == {**dict.fromkeys(ALL_STAGES, "cached"), "downstream": "completed"}
 
     releves = catalog.parent / "demo-data" / "releves.gpkg"
     frame = gpd.read_file(releves, layer="releves")
@@ -153,11 +151,9 @@ def test_changes_rerun_only_what_they_affect(tiny):
     report = run(catalog)
     status = {k: v["status"] for k, v in report["stages"].items()}
     assert status == {
+        **dict.fromkeys(ALL_STAGES, "completed"),
         "tile": "cached",
-        "rasterize": "completed",
-        "finetune": "completed",
-        "embed": "completed",
-        "downstream": "completed",
+        "embed-dofa": "cached",  # the DOFA map of the region, the costly part, is reused
     }
     assert (
         report["embeddings"]["dofa"] == first["embeddings"]["dofa"]

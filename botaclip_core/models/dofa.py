@@ -579,8 +579,9 @@ def build_dofa(
     if seed is None:
         model = DOFA(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        from botaclip_core.seeding import seeded
+
+        with seeded(seed):
             model = DOFA(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads)
     if weights is None:
         logger.warning(

@@ -1,0 +1,124 @@
+"""Settings shared by several stages: the region grid, the DOFA backbone, its runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botaclip_core.catalog import DaskSettings, StrictModel
+from botaclip_core.grid import RegionGrid
+from botaclip_core.stages.base import runtime
+from botaclip_core.stages.context import PlanContext
+
+
+class GridSettings(StrictModel):
+    """The region grid (CRS, resolution, pixel-snapped origin and size)."""
+
+    crs: str
+    resolution: float
+    left: float
+    top: float
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, grid: RegionGrid) -> GridSettings:
+        """The settings form of a grid."""
+        return cls.model_validate(grid.to_dict())
+
+    def to_grid(self) -> RegionGrid:
+        """The grid itself."""
+        return RegionGrid.from_dict(self.model_dump())
+
+
+class OrthophotoReading(StrictModel):
+    """How orthophoto pixels are read onto the grid (the files themselves are inputs)."""
+
+    bands: list[str]
+    wavelengths_um: list[float]
+    nodata: float | None
+    resampling: str
+    precedence: str
+
+    @classmethod
+    def of(cls, ctx: PlanContext) -> OrthophotoReading:
+        """The region's orthophoto reading settings."""
+        ortho = ctx.region.orthophotos
+        return cls.model_validate(ortho.model_dump(mode="json", exclude={"paths", "mean", "std"}))
+
+
+class BackboneSettings(StrictModel):
+    """The DOFA backbone and its input scaling (the checkpoint file is an input)."""
+
+    size: str
+    seed: int
+    wavelengths_um: list[float]
+    mean: list[float]
+    std: list[float]
+    tile_size: int
+
+    @classmethod
+    def of(cls, ctx: PlanContext) -> BackboneSettings:
+        """The catalog's backbone, with per-band statistics resolved for the imagery's dtype."""
+        from botaclip_core.features import band_statistics
+
+        ortho = ctx.region.orthophotos
+        mean, std = band_statistics(len(ortho.bands), ctx.imagery_dtype, ortho.mean, ortho.std)
+        return cls(
+            size=ctx.catalog.model.dofa.size,
+            seed=ctx.catalog.finetune.seed,
+            wavelengths_um=list(ortho.wavelengths_um),
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+            tile_size=ctx.catalog.tiling.tile_size,
+        )
+
+
+class InferenceRuntime(StrictModel):
+    """Where and how inference runs: no effect on the embeddings."""
+
+    batch_size: int = 8
+    dask: DaskSettings = DaskSettings()
+
+
+def inference_runtime(ctx: PlanContext) -> InferenceRuntime:
+    """The catalog's inference runtime settings."""
+    return InferenceRuntime(batch_size=ctx.catalog.embed.batch_size, dask=ctx.catalog.dask)
+
+
+def inference_field() -> Any:
+    """A runtime settings field holding an :class:`InferenceRuntime`."""
+    return runtime(InferenceRuntime(), "Batch size and Dask cluster of the forward passes.")
+
+
+def weights_path(files: dict[str, Any]) -> str | None:
+    """The DOFA checkpoint path from a stage's input fingerprints (None: random weights)."""
+    fp = files.get("weights")
+    return str(fp["path"]) if fp else None
+
+
+class ChipSource(StrictModel):
+    """Where chips around plots are read: the orthophotos (inputs), on the grid."""
+
+    grid: GridSettings
+    nodata: float | None
+    resampling: str
+
+    @classmethod
+    def of(cls, ctx: PlanContext) -> ChipSource:
+        """The region's grid and orthophoto reading settings."""
+        ortho = ctx.region.orthophotos
+        return cls(grid=GridSettings.of(ctx.grid), nodata=ortho.nodata, resampling=ortho.resampling)
+
+    def reader(self, files: dict[str, Any], size: int) -> Any:
+        """A :class:`~botaclip_core.chips.SourceChipReader` over the input orthophotos."""
+        from pathlib import Path
+
+        from botaclip_core.chips import SourceChipReader
+
+        return SourceChipReader(
+            [Path(fp["path"]) for fp in files["orthophotos"]],
+            self.grid.to_grid(),
+            size,
+            nodata=self.nodata,
+            resampling=self.resampling,
+        )
