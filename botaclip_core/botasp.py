@@ -1,13 +1,4 @@
-"""BotaSP: the supervised baseline, BotaCLIP's adapter trained to predict species directly.
-
-The same identity-initialised :class:`~botaclip_core.models.heads.Adapter` on cached frozen DOFA
-features as BotaCLIP's adapter mode, followed by a linear species head and trained with a
-multi-label binary cross-entropy over species presence instead of the contrastive loss. The
-split, optimiser, regulariser (``finetune.regularizer``, L2-SP on the adapter by default), early
-stopping and per-epoch checkpoint are BotaCLIP's (:func:`botaclip_core.finetune.fit_epochs`),
-so the two differ only in their objective. Only the adapter is used downstream: its embeddings
-are the ``botasp`` feature source.
-"""
+"""BotaSP: the supervised baseline, BotaCLIP's adapter trained to predict species directly."""
 
 from __future__ import annotations
 
@@ -23,20 +14,19 @@ from torch import Tensor, nn
 
 from botaclip_core.catalog import FinetuneSettings
 from botaclip_core.errors import WeightsError
-from botaclip_core.finetune import (
-    TrainingData,
-    check_settings,
-    cpu_state,
-    feature_batches,
-    fit_epochs,
-    optimizer_step,
-    resolve_device,
-    save_atomic,
-    seeded,
-    split_plots,
-)
 from botaclip_core.models.heads import Adapter
 from botaclip_core.regularizers import build_regularizer
+from botaclip_core.seeding import seeded
+from botaclip_core.training.adapter import feature_batches
+from botaclip_core.training.data import TrainingData, feature_tensor, split_plots
+from botaclip_core.training.loop import (
+    cpu_state,
+    fit_run,
+    mean_loss,
+    optimizer_step,
+    save_atomic,
+)
+from botaclip_core.training.runtime import check_settings, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +36,12 @@ STEM = "botasp_"
 
 
 class BotaSP(nn.Module):
-    """Adapter over frozen DOFA features + a linear species-presence head."""
+    """Adapter over frozen DOFA features + a linear species-presence head.
+
+    The same identity-initialised :class:`~botaclip_core.models.heads.Adapter` as BotaCLIP's
+    adapter mode, trained with a multi-label binary cross-entropy over species presence instead
+    of the contrastive loss; only the adapter is used downstream (the ``botasp`` features).
+    """
 
     def __init__(self, dim: int, n_species: int) -> None:
         """Create the model.
@@ -91,13 +86,75 @@ def mean_species_auc(presence: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(presence[:, j], scores[:, j]) for j in both]))
 
 
+class _BotaSPRun:
+    """The tensors, model and optimiser of one BotaSP run, and its epoch callbacks."""
+
+    def __init__(
+        self,
+        data: TrainingData,
+        settings: FinetuneSettings,
+        split: tuple[np.ndarray, np.ndarray],
+        device: torch.device,
+        out_dir: Path,
+    ) -> None:
+        self.settings, self.split, self.device = settings, split, device
+        self.out_dir, self.species = out_dir, data.species
+        self.train_idx, self.val_idx = split
+        self.dim = data.features.shape[2]
+        self.feats = feature_tensor(data.features, device)
+        self.presence_np = (np.asarray(data.releves) > 0).astype(np.float32)
+        self.presence = torch.from_numpy(self.presence_np).to(device)
+        with seeded(settings.seed):
+            self.model = BotaSP(self.dim, self.presence.shape[1]).to(device)
+        self.regularizer = build_regularizer(settings.regularizer, module=self.model.adapter)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        self.batch = min(settings.batch_size, len(self.train_idx))
+        self.val_t = torch.from_numpy(self.val_idx).to(device)
+
+    def train_epoch(self, gen: np.random.Generator) -> float:
+        model, reg_weight = self.model, self.settings.reg_weight
+        losses = []
+        for idx, frozen in feature_batches(gen, self.feats, self.train_idx, self.batch):
+            adapted = model.encode_image(frozen)
+            logits = model.species_head(adapted)
+            loss = F.binary_cross_entropy_with_logits(logits, self.presence[idx])
+            total = loss + reg_weight * self.regularizer(adapted, frozen)
+            optimizer_step(self.optimizer, total)
+            losses.append(total.detach())
+        return mean_loss(losses)
+
+    def validate(self) -> dict[str, float]:
+        logits = self.model(self.feats[self.val_t, 0])
+        loss = float(F.binary_cross_entropy_with_logits(logits, self.presence[self.val_t]))
+        auc = mean_species_auc(self.presence_np[self.val_idx], logits.float().cpu().numpy())
+        return {"val_loss": loss, "val_auc": auc}
+
+    def save_best(self) -> None:
+        best = {"model": cpu_state(self.model), "dim": self.dim, "species": self.species}
+        save_atomic(best, self.out_dir / MODEL)
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "model": "BotaSP: identity-initialised adapter over frozen DOFA features, trained "
+            "with a linear species head and binary cross-entropy on species presence",
+            "embedding": "frozen DOFA features through the adapter of botasp.pt",
+            "n_species": int(self.presence.shape[1]),
+            "device": str(self.device),
+            "regularizer": self.settings.regularizer,
+            "reg_weight": self.settings.reg_weight,
+            "validation_metric": "mean per-species ROC AUC on spatially held-out plots",
+        }
+
+
 def train_botasp(data: TrainingData, settings: FinetuneSettings, out_dir: Path) -> dict[str, Any]:
     """Train the BotaSP baseline; resumes from ``out_dir/botasp_last.pt``.
 
-    Uses the same spatial split, Adam, regulariser, early stopping (on the validation loss) and
-    deterministic, resumable epoch loop as :func:`botaclip_core.finetune.train_adapter`, whatever
-    ``finetune.mode`` is. Each epoch uses one random cached view per plot; validation uses the
-    un-augmented view 0.
+    Uses the same spatial split, Adam, regulariser (``finetune.regularizer``, L2-SP on the
+    adapter by default), early stopping (on the validation loss) and deterministic, resumable
+    epoch loop (:func:`~botaclip_core.training.loop.fit_epochs`) as
+    :func:`~botaclip_core.training.adapter.train_adapter`, whatever ``finetune.mode`` is, so
+    the two differ only in their objective. Each epoch uses one random cached view per plot;
+    validation uses the un-augmented view 0.
 
     Args:
         data: Cached frozen features and relevés (any cover is turned into presence).
@@ -117,79 +174,29 @@ def train_botasp(data: TrainingData, settings: FinetuneSettings, out_dir: Path) 
 
     """
     settings = check_settings(settings)
-    dim = data.features.shape[2]
-    train_idx, val_idx = split_plots(data.coords, settings)
+    split = split_plots(data.coords, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    feats = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32)).to(device)
-    presence_np = (np.asarray(data.releves) > 0).astype(np.float32)
-    presence = torch.from_numpy(presence_np).to(device)
-
-    with seeded(settings.seed):
-        model = BotaSP(dim, presence.shape[1]).to(device)
-    regularizer = build_regularizer(settings.regularizer, module=model.adapter)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    batch = min(settings.batch_size, len(train_idx))
-    val_t = torch.from_numpy(val_idx).to(device)
-
-    def train_epoch(gen: np.random.Generator) -> float:
-        losses = []
-        for idx, frozen in feature_batches(gen, feats, train_idx, batch):
-            adapted = model.encode_image(frozen)
-            logits = model.species_head(adapted)
-            loss = F.binary_cross_entropy_with_logits(logits, presence[idx])
-            total = loss + settings.reg_weight * regularizer(adapted, frozen)
-            optimizer_step(optimizer, total)
-            losses.append(total.detach())
-        return float(torch.stack(losses).mean()) if losses else math.nan
-
-    def validate() -> dict[str, float]:
-        logits = model(feats[val_t, 0])
-        loss = float(F.binary_cross_entropy_with_logits(logits, presence[val_t]))
-        auc = mean_species_auc(presence_np[val_idx], logits.float().cpu().numpy())
-        return {"val_loss": loss, "val_auc": auc}
-
-    def save_best() -> None:
-        save_atomic(
-            {"model": cpu_state(model), "dim": dim, "species": data.species}, out_dir / MODEL
-        )
-
-    history, best = fit_epochs(
-        model,
-        optimizer,
+    run = _BotaSPRun(data, settings, split, device, out_dir)
+    return fit_run(
+        run,
         settings=settings,
         out_dir=out_dir,
-        train_epoch=train_epoch,
-        validate=validate,
-        save_best=save_best,
+        model_name=MODEL,
+        metric="val_auc",
         stem=STEM,
         label="botasp",
     )
-    return {
-        "best_epoch": best["epoch"],
-        "best_val_loss": best["val_loss"],
-        "val_auc": best.get("val_auc"),
-        "n_train": int(len(train_idx)),
-        "n_val": int(len(val_idx)),
-        "epochs_run": len(history),
-        "history": history,
-        "model": str(out_dir / MODEL),
-        "training_curve": str(out_dir / f"{STEM}training_curve.png"),
-        "card": {
-            "model": "BotaSP: identity-initialised adapter over frozen DOFA features, trained "
-            "with a linear species head and binary cross-entropy on species presence",
-            "embedding": "frozen DOFA features through the adapter of botasp.pt",
-            "n_species": int(presence.shape[1]),
-            "device": str(device),
-            "regularizer": settings.regularizer,
-            "reg_weight": settings.reg_weight,
-            "validation_metric": "mean per-species ROC AUC on spatially held-out plots",
-        },
-    }
 
 
 def load_botasp(path: Path) -> BotaSP:
     """Load the model saved by :func:`train_botasp` (adapter and species head), in eval mode.
+
+    Args:
+        path: The ``botasp.pt`` written by :func:`train_botasp`.
+
+    Returns:
+        The model, in eval mode.
 
     Raises:
         WeightsError: If the file is not a BotaSP checkpoint.
@@ -210,6 +217,12 @@ def load_botasp(path: Path) -> BotaSP:
 
 def load_botasp_adapter(path: Path) -> Adapter:
     """Load the adapter of a BotaSP checkpoint, in eval mode (for the ``botasp`` embeddings).
+
+    Args:
+        path: The ``botasp.pt`` written by :func:`train_botasp`.
+
+    Returns:
+        The adapter, in eval mode.
 
     Raises:
         WeightsError: If the file is not a BotaSP checkpoint.

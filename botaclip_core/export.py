@@ -9,6 +9,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -18,6 +19,7 @@ from rasterio.windows import Window
 
 from botaclip_core.errors import InputDataError
 from botaclip_core.georef import read_grid
+from botaclip_core.grid import RegionGrid
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,9 @@ def export_cog(
     floating-point layers NaN, ``valid`` none; a ``nodata`` attribute on the variable wins.
 
     Args:
-        zarr_path: a Zarr written by botaclip (image, embeddings, predictions).
-        variable: name of the data variable, e.g. ``image``, ``valid``, ``embedding``.
-        out: path of the GeoTIFF to write.
+        zarr_path: A Zarr written by botaclip (image, embeddings, predictions).
+        variable: Name of the data variable, e.g. ``image``, ``valid``, ``embedding``.
+        out: Path of the GeoTIFF to write.
         bands: 0-based positions along the first dimension of a 3-D variable to export
             (default: all).
 
@@ -71,7 +73,8 @@ def export_cog(
         ``out``.
 
     Raises:
-        InputDataError: unknown variable, wrong dimensions, or band positions out of range.
+        InputDataError: If the variable is unknown, has the wrong dimensions or is not on the
+            store's grid, or if a band position is out of range.
 
     """
     zarr_path, out = Path(zarr_path), Path(out)
@@ -81,7 +84,29 @@ def export_cog(
             f"{zarr_path}: no variable {variable!r}; available: {sorted(map(str, ds.data_vars))}."
         )
     grid = read_grid(ds, source=str(zarr_path))
-    da = ds[variable]
+    da = _on_grid(ds[variable], variable, grid, zarr_path, bands=bands)
+    if bands is not None:
+        da = _pick_bands(da, variable, bands)
+    if da.dtype == np.bool_:
+        da = da.astype(np.uint8)
+    profile = _profile(grid, da, _nodata_for(variable, ds[variable]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_cog(da, grid, profile, out)
+    logger.info(
+        "exported %s:%s to %s (%d bands, %s)", zarr_path, variable, out, da.shape[0], grid.crs
+    )
+    return out
+
+
+def _on_grid(
+    da: xr.DataArray,
+    variable: str,
+    grid: RegionGrid,
+    zarr_path: Path,
+    *,
+    bands: list[int] | None,
+) -> xr.DataArray:
+    """The variable as ``(band, y, x)``, checked to lie on the store's grid."""
     if da.ndim == 2:
         da = da.expand_dims("band")
         if bands is not None and list(bands) != [0]:
@@ -98,31 +123,28 @@ def export_cog(
             f"{zarr_path}: variable {variable!r} has dims {da.dims} shape {da.shape}, not on the "
             f"store's grid (y, x) = {grid.shape}; export a variable of that grid."
         )
-    n_first = da.shape[0]
-    if bands is not None:
-        bad = [b for b in bands if not 0 <= b < n_first]
-        if bad or not bands:
-            raise InputDataError(
-                f"bands: {bands} for {variable!r} with {n_first} entries along {da.dims[0]!r}; "
-                f"give 0-based positions in 0..{n_first - 1}."
-            )
-        da = da.isel({da.dims[0]: list(bands)})
-    dtype = np.dtype(da.dtype)
-    if dtype == np.bool_:
-        da, dtype = da.astype(np.uint8), np.dtype(np.uint8)
-    nodata = _nodata_for(variable, ds[variable])
-    count = da.shape[0]
-    descriptions = None
-    if da.dims[0] in da.coords:
-        descriptions = [str(v) for v in da[da.dims[0]].values]
+    return da
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    profile = {
+
+def _pick_bands(da: xr.DataArray, variable: str, bands: list[int]) -> xr.DataArray:
+    n_first = da.shape[0]
+    bad = [b for b in bands if not 0 <= b < n_first]
+    if bad or not bands:
+        raise InputDataError(
+            f"bands: {bands} for {variable!r} with {n_first} entries along {da.dims[0]!r}; "
+            f"give 0-based positions in 0..{n_first - 1}."
+        )
+    return da.isel({da.dims[0]: list(bands)})
+
+
+def _profile(grid: RegionGrid, da: xr.DataArray, nodata: float | None) -> dict[str, Any]:
+    """Profile of the tiled GeoTIFF written before the COG conversion."""
+    return {
         "driver": "GTiff",
         "width": grid.width,
         "height": grid.height,
-        "count": count,
-        "dtype": dtype.name,
+        "count": da.shape[0],
+        "dtype": np.dtype(da.dtype).name,
         "crs": grid.crs_obj,
         "transform": grid.transform,
         "nodata": nodata,
@@ -132,10 +154,22 @@ def export_cog(
         "compress": "deflate",
         "BIGTIFF": "IF_SAFER",
     }
-    row_bytes = max(1, count * grid.width * dtype.itemsize)
+
+
+def _strip_rows(grid: RegionGrid, da: xr.DataArray) -> int:
+    """Rows per read that fit :data:`_STRIP_BYTES`, whole 512-px blocks where possible."""
+    row_bytes = max(1, da.shape[0] * grid.width * np.dtype(da.dtype).itemsize)
     strip = max(1, min(grid.height, _STRIP_BYTES // row_bytes))
     if strip >= 512:
         strip -= strip % 512
+    return strip
+
+
+def _write_cog(da: xr.DataArray, grid: RegionGrid, profile: dict[str, Any], out: Path) -> None:
+    """Write ``da`` strip by strip to a temporary GeoTIFF beside ``out``, then convert it."""
+    dtype = np.dtype(da.dtype)
+    strip = _strip_rows(grid, da)
+    descriptions = [str(v) for v in da[da.dims[0]].values] if da.dims[0] in da.coords else []
     fd, tmp_name = tempfile.mkstemp(suffix=".tif", dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -145,14 +179,11 @@ def export_cog(
                 y1 = min(grid.height, y0 + strip)
                 block = np.asarray(da[:, y0:y1, :].values, dtype=dtype)
                 dst.write(block, window=Window(0, y0, grid.width, y1 - y0))
-            if descriptions:
-                for i, name in enumerate(descriptions, start=1):
-                    dst.set_band_description(i, name)
+            for i, name in enumerate(descriptions, start=1):
+                dst.set_band_description(i, name)
         _to_cog(tmp, out, dtype)
     finally:
         tmp.unlink(missing_ok=True)
-    logger.info("exported %s:%s to %s (%d bands, %s)", zarr_path, variable, out, count, grid.crs)
-    return out
 
 
 def _to_cog(src: Path, out: Path, dtype: np.dtype) -> None:

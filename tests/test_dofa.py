@@ -136,7 +136,7 @@ def test_unknown_size() -> None:
 
 
 def test_random_init_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="botaclip_core.models.dofa"):
+    with caplog.at_level(logging.WARNING, logger="botaclip_core.models"):
         build_dofa("tiny")
     assert "meaningless" in caplog.text
 

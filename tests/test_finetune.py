@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from botaclip_core import finetune
 from botaclip_core.catalog import FinetuneSettings
 from botaclip_core.errors import CatalogError, InputDataError, StageError
 from botaclip_core.finetune import (
@@ -18,6 +17,7 @@ from botaclip_core.finetune import (
     train_backbone,
 )
 from botaclip_core.models import build_dofa, save_dofa
+from botaclip_core.training import backbone as finetune
 
 
 def make_data(n=96, views=2, dim=16, n_species=12, seed=0) -> TrainingData:

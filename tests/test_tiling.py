@@ -14,7 +14,6 @@ import rasterio
 import xarray as xr
 from rasterio.warp import Resampling, reproject
 
-from botaclip_core import tiling
 from botaclip_core.errors import CRSMismatchError, InputDataError
 from botaclip_core.grid import RegionGrid
 from botaclip_core.tiling import (
@@ -24,6 +23,7 @@ from botaclip_core.tiling import (
     region_grid_for_sources,
     tile_orthophotos,
 )
+from botaclip_core.tiling import tasks as tiling
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from make_orthophotos import make_orthophotos, write_sheet  # noqa: E402

@@ -1,13 +1,7 @@
 """Models: the DOFA encoder and the trainable heads around it."""
 
-from botaclip_core.models.dofa import (
-    DOFA,
-    DOFA_SIZES,
-    DOFASize,
-    build_dofa,
-    load_dofa_weights,
-    save_dofa,
-)
+from botaclip_core.models.checkpoints import build_dofa, load_dofa_weights, save_dofa
+from botaclip_core.models.dofa import DOFA, DOFA_SIZES, DOFASize
 from botaclip_core.models.heads import (
     Adapter,
     LoRALinear,

@@ -51,8 +51,8 @@ def build(settings: EmbedSettings, inputs: StageInputs, out_dir: Path) -> EmbedO
         return EmbedOutput(dofa=dofa.zarr)
     attrs = {"finetune_key": inputs.keys["finetune"], "finetune_mode": trained.mode}
     botaclip = out_dir / "botaclip.zarr"
-    if trained.backbone is None:
-        from botaclip_core.finetune import load_adapter
+    if trained.mode == "adapter":
+        from botaclip_core.training.adapter import load_adapter
 
         _apply_adapter(
             dofa.zarr, load_adapter(Path(trained.model)).adapter, botaclip, attrs, "botaclip"

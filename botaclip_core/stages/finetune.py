@@ -62,7 +62,7 @@ def inputs(ctx: PlanContext) -> dict[str, Any]:
 
 def build(settings: FinetuneStageSettings, inputs: StageInputs, out_dir: Path) -> FinetuneOutput:
     """Train BotaCLIP (and BotaSP) and write the model card."""
-    from botaclip_core.finetune import TrainingData
+    from botaclip_core.training.data import TrainingData
 
     sites = inputs.output("rasterize", RasterizeOutput).sites(settings.releves)
     table = sites.load(settings.releves)
@@ -107,7 +107,8 @@ def _train_botaclip(
     out_dir: Path,
 ) -> dict[str, Any]:
     """The adapter on cached features, or DOFA itself on chips read around the plots."""
-    from botaclip_core.finetune import train_adapter, train_backbone
+    from botaclip_core.training.adapter import train_adapter
+    from botaclip_core.training.backbone import train_backbone
 
     training, backbone = settings.training, settings.backbone
     if settings.pixels is None:
