@@ -235,7 +235,7 @@ class Catalog(StrictModel):
     @model_validator(mode="after")
     def _references(self) -> Catalog:
         for rname, region in self.regions.items():
-            refs = ([region.releves] if region.releves else []) + list(region.targets)
+            refs = self.site_datasets(rname)
             for ref in refs:
                 if ref not in self.datasets:
                     raise ValueError(

@@ -191,3 +191,22 @@ def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
     assert report["stages"]["downstream"]["status"] == "completed"
     # deterministic whatever the workdir: the same metrics as the uninterrupted run elsewhere
     assert metric_table(report) == metric_table(reference)
+
+
+def test_storage_only_change_reruns_tile_only(tiny):
+    catalog, _ = tiny
+    first = run(catalog)  # as the catalog stands after the other tests' edits: all cached
+    overrides = {"tiling": {"zstd_level": 3}}
+    report = run_region(
+        load_catalog(catalog, overrides),
+        "demo",
+        catalog_path=catalog,
+        report_path=catalog.parent / "zstd3.json",
+    )
+    status = {k: v["status"] for k, v in report["stages"].items()}
+    assert status == {**dict.fromkeys(ALL_STAGES, "cached"), "tile": "completed"}
+    assert report["stages"]["tile"]["key"] != first["stages"]["tile"]["key"]
+    new = xr.open_zarr(Path(report["stages"]["tile"]["output"]) / "image.zarr")["image"].values
+    old = xr.open_zarr(Path(first["stages"]["tile"]["output"]) / "image.zarr")["image"].values
+    np.testing.assert_array_equal(new, old)  # the same pixels, stored differently
+    assert report["embeddings"] == first["embeddings"]

@@ -161,3 +161,43 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_h
         a = xr.open_zarr(report["embeddings"][name])["embedding"].values
         b = xr.open_zarr(sequential["embeddings"][name])["embedding"].values
         np.testing.assert_array_equal(a, b)
+
+
+def test_tile_and_rasterize_keep_their_keys_from_before_the_stage_modules(catalog):
+    """Their keys covered the right things, so existing workdirs keep those outputs."""
+    from botaclip_core.store import fingerprint_file, stage_key
+
+    cat = load_catalog(catalog)
+    plan = plan_region(cat, "demo")
+    region = cat.region("demo")
+    grid = plan.stages["tile"].settings["grid"]
+    # the formulas of the code before issue 8 (botaclip_core/pipeline.py, Pipeline.plan)
+    old_tile = stage_key(
+        "tile",
+        "2",
+        {
+            "grid": grid,
+            "orthophotos": region.orthophotos.model_dump(
+                mode="json", exclude={"paths", "mean", "std"}
+            ),
+            "tile_size": cat.tiling.tile_size,
+            "shard_blocks": cat.tiling.shard_blocks,
+            "zstd_level": cat.tiling.zstd_level,
+        },
+        {"orthophotos": [fingerprint_file(p) for p in cat.orthophoto_files("demo")]},
+    )
+    names = [region.releves, *region.targets]
+    old_rasterize = stage_key(
+        "rasterize",
+        "1",
+        {"grid": grid, "datasets": names},
+        {
+            n: {
+                "spec": cat.datasets[n].model_dump(mode="json"),
+                "file": fingerprint_file(cat.resolve(cat.datasets[n].path)),
+            }
+            for n in names
+        },
+    )
+    assert plan.stages["tile"].key == old_tile
+    assert plan.stages["rasterize"].key == old_rasterize
