@@ -172,10 +172,21 @@ class FinetuneSettings(StrictModel):
 
 
 class EmbedSettings(StrictModel):
-    """Wall-to-wall embedding inference."""
+    """Wall-to-wall embedding inference and how the maps are stored."""
 
     batch_size: int = Field(8, ge=1)
-    block_tiles: int = Field(4, ge=1, description="Tiles per Dask block side.")
+    block_tiles: int = Field(4, ge=1, description="Cells per Dask block side (and Zarr chunk).")
+    dtype: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description="Storage of the maps: float32; float16 (half the size); int8 with a float32 "
+        "scale per cell (GeoTessera's scheme, about a quarter of the size).",
+    )
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Pixels per map cell; each cell holds the embedding of the tile-sized window "
+        "centred on it. Default: the tile size (one cell per tile).",
+    )
 
 
 FeatureSource = Literal["dofa", "botaclip", "botasp"]
@@ -247,6 +258,12 @@ class Catalog(StrictModel):
                     f"regions.{rname}.releves: dataset {region.releves!r} has kind "
                     f"{self.datasets[region.releves].kind!r}; it must have kind 'releves'"
                 )
+        stride, tile = self.embed.stride, self.tiling.tile_size
+        if stride is not None and (tile - stride) % 2:
+            raise ValueError(
+                f"embed.stride {stride} and tiling.tile_size {tile} differ by an odd number of "
+                f"pixels, so windows cannot be centred on cells; use e.g. stride {tile // 2}"
+            )
         for dname, ds in self.datasets.items():
             if ds.path.lower().endswith(".csv") and ds.crs is None:
                 raise ValueError(

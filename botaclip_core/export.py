@@ -54,13 +54,20 @@ def _nodata_for(variable: str, da: xr.DataArray) -> float | None:
 
 
 def export_cog(
-    zarr_path: Path, variable: str, out: Path, *, bands: list[int] | None = None
+    zarr_path: Path,
+    variable: str,
+    out: Path,
+    *,
+    bands: list[int] | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
+    crs: str | None = None,
 ) -> Path:
-    """Write one variable of a botaclip Zarr as a COG on the Zarr's grid.
+    """Write one variable of a botaclip Zarr as a COG on the Zarr's grid (or a window of it).
 
     The variable must be 2-D ``(y, x)`` or 3-D ``(band/feature, y, x)`` on the grid recorded in the
     store (``botaclip:grid``). ``image`` gets nodata 0 (the fill value of uncovered blocks),
     floating-point layers NaN, ``valid`` none; a ``nodata`` attribute on the variable wins.
+    The ``embedding`` of an int8 map is written dequantized (float32).
 
     Args:
         zarr_path: A Zarr written by botaclip (image, embeddings, predictions).
@@ -68,13 +75,15 @@ def export_cog(
         out: Path of the GeoTIFF to write.
         bands: 0-based positions along the first dimension of a 3-D variable to export
             (default: all).
+        bbox: ``(minx, miny, maxx, maxy)``: write only the cells this box intersects.
+        crs: The box's CRS (default: the store's); the COG stays on the store's grid.
 
     Returns:
         ``out``.
 
     Raises:
         InputDataError: If the variable is unknown, has the wrong dimensions or is not on the
-            store's grid, or if a band position is out of range.
+            store's grid, if a band position is out of range, or if the box misses the grid.
 
     """
     zarr_path, out = Path(zarr_path), Path(out)
@@ -84,18 +93,48 @@ def export_cog(
             f"{zarr_path}: no variable {variable!r}; available: {sorted(map(str, ds.data_vars))}."
         )
     grid = read_grid(ds, source=str(zarr_path))
-    da = _on_grid(ds[variable], variable, grid, zarr_path, bands=bands)
+    layer = _layer(ds, variable, zarr_path)
+    da = _on_grid(layer, variable, grid, zarr_path, bands=bands)
     if bands is not None:
         da = _pick_bands(da, variable, bands)
+    if bbox is not None:
+        da, grid = _window(da, grid, bbox, crs)
     if da.dtype == np.bool_:
         da = da.astype(np.uint8)
-    profile = _profile(grid, da, _nodata_for(variable, ds[variable]))
+    profile = _profile(grid, da, _nodata_for(variable, layer))
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_cog(da, grid, profile, out)
     logger.info(
         "exported %s:%s to %s (%d bands, %s)", zarr_path, variable, out, da.shape[0], grid.crs
     )
     return out
+
+
+def _layer(ds: xr.Dataset, variable: str, zarr_path: Path) -> xr.DataArray:
+    """The variable, dequantized when it is an int8 map's embedding."""
+    from botaclip_core.embedding_store import EMBEDDING, QUANTIZATION, open_embeddings
+
+    if variable == EMBEDDING and QUANTIZATION in ds.attrs:
+        return open_embeddings(zarr_path)
+    return ds[variable]
+
+
+def _window(
+    da: xr.DataArray, grid: RegionGrid, bbox: tuple[float, float, float, float], crs: str | None
+) -> tuple[xr.DataArray, RegionGrid]:
+    """The cells of ``da`` that a box intersects, and the grid of that window."""
+    from botaclip_core.query import box_window
+
+    ys, xs = box_window(grid, bbox, crs)
+    window = RegionGrid(
+        grid.crs,
+        grid.resolution,
+        grid.left + xs.start * grid.resolution,
+        grid.top - ys.start * grid.resolution,
+        xs.stop - xs.start,
+        ys.stop - ys.start,
+    )
+    return da[:, ys, xs], window
 
 
 def _on_grid(

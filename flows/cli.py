@@ -63,8 +63,10 @@ def _print_report(report: dict[str, Any]) -> None:
             )
         console.print(table)
     if report.get("embeddings"):
+        previews = report.get("previews") or {}
         for name, path in report["embeddings"].items():
-            console.print(f"[bold]{name}[/bold] embeddings: {path}")
+            shown = f" (preview {previews[name]})" if name in previews else ""
+            console.print(f"[bold]{name}[/bold] embeddings: {path}{shown}")
     if report.get("report_path"):
         console.print(f"report: {report['report_path']}  ({report.get('seconds', 0):.1f} s)")
 
@@ -86,24 +88,27 @@ def _run(
     use_prefect: bool,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    if use_prefect:
-        from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.progress_bar import progress_bar
 
-        params = PipelineParams(
-            catalog=str(catalog),
-            region=region,
-            stages=stages,
-            report=str(report) if report else None,
-            overrides=overrides or {},
-        )
-        return pipeline_flow(params)
-    from botaclip_core.catalog import load_catalog
-    from botaclip_core.pipeline import run_region
+    with progress_bar(console):
+        if use_prefect:
+            from flows.pipeline import PipelineParams, pipeline_flow
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    cat = load_catalog(catalog, overrides)
-    return run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
+            params = PipelineParams(
+                catalog=str(catalog),
+                region=region,
+                stages=stages,
+                report=str(report) if report else None,
+                overrides=overrides or {},
+            )
+            return pipeline_flow(params)
+        from botaclip_core.catalog import load_catalog
+        from botaclip_core.pipeline import run_region
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        cat = load_catalog(catalog, overrides)
+        return run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
 
 
 def _fail(exc: BotaclipError) -> None:
@@ -257,16 +262,81 @@ def export(
     bands: Annotated[
         str | None, typer.Option(help="Comma-separated band/feature indices (0-based).")
     ] = None,
+    bbox: Annotated[
+        str | None,
+        typer.Option(help="Only this box: MINX,MINY,MAXX,MAXY (in --crs; default the store's)."),
+    ] = None,
+    crs: Annotated[
+        str | None, typer.Option(help="CRS of --bbox, e.g. EPSG:4326 (default: the store's).")
+    ] = None,
 ) -> None:
-    """Export a georeferenced layer of a Zarr store as a Cloud-Optimized GeoTIFF (for QGIS)."""
+    """Export a georeferenced layer (or a box of it) as a Cloud-Optimized GeoTIFF (for QGIS)."""
     from botaclip_core.export import export_cog
 
     try:
         picked = [int(b) for b in bands.split(",")] if bands else None
-        path = export_cog(zarr_path, variable, out, bands=picked)
+        path = export_cog(zarr_path, variable, out, bands=picked, bbox=_parse_bbox(bbox), crs=crs)
         console.print(f"wrote {path}")
     except BotaclipError as exc:
         _fail(exc)
+
+
+def _parse_bbox(bbox: str | None) -> tuple[float, float, float, float] | None:
+    if bbox is None:
+        return None
+    from botaclip_core.errors import InputDataError
+
+    try:
+        minx, miny, maxx, maxy = (float(v) for v in bbox.split(","))
+    except ValueError:
+        raise InputDataError(
+            f"--bbox: {bbox!r} is not four numbers MINX,MINY,MAXX,MAXY (e.g. 5.7,45.0,5.8,45.1)"
+        ) from None
+    return minx, miny, maxx, maxy
+
+
+@app.command()
+def sample(
+    store: Annotated[Path, typer.Argument(help="An embedding map (dofa.zarr, botaclip.zarr...).")],
+    points: Annotated[
+        Path, typer.Argument(help="Points: CSV (with --crs), GeoPackage/GeoJSON or (Geo)Parquet.")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output table: .parquet or .csv.")],
+    crs: Annotated[str | None, typer.Option(help="CRS of CSV coordinates, e.g. EPSG:4326.")] = None,
+    x: Annotated[str, typer.Option(help="CSV column of x / longitude.")] = "x",
+    y: Annotated[str, typer.Option(help="CSV column of y / latitude.")] = "y",
+    method: Annotated[
+        str, typer.Option(help="nearest (the cell holding the point) or bilinear.")
+    ] = "nearest",
+) -> None:
+    """Embeddings at points: the points' columns plus emb_0..emb_{D-1} and a status column."""
+    from botaclip_core.query import read_point_table, sample_table, write_table
+
+    try:
+        table = read_point_table(points, crs=crs, x=x, y=y)
+        if method not in ("nearest", "bilinear"):
+            from botaclip_core.errors import InputDataError
+
+            raise InputDataError(f"--method: {method!r} is not nearest or bilinear")
+        result = sample_table(store, table, method=method)  # type: ignore[arg-type]
+        geometry = points.suffix.lower() != ".csv" and not _plain_parquet(points)
+        write_table(result, out, keep_geometry=geometry)
+        counts = result["status"].value_counts().to_dict()
+        console.print(
+            f"wrote {out}: {len(result)} points "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
+    except BotaclipError as exc:
+        _fail(exc)
+
+
+def _plain_parquet(path: Path) -> bool:
+    """A Parquet file without GeoParquet metadata (coordinates in columns)."""
+    if path.suffix.lower() != ".parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    return b"geo" not in (pq.read_schema(path).metadata or {})
 
 
 @app.command()

@@ -8,9 +8,11 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.states import get_state_exception
 
+from botaclip_core import progress
 from botaclip_core.catalog import load_catalog
 from botaclip_core.errors import BotaclipError
 from botaclip_core.pipeline import RegionPlan, plan_region, run_stage
+from tasks.progress import PrefectProgress
 
 
 def stage_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
@@ -47,5 +49,9 @@ def plan_task(
     tags=["botaclip"],
 )
 def stage_task(stage: str, plan: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage of a plan; returns the stage record (paths, key, status, seconds)."""
-    return run_stage(RegionPlan.from_dict(plan), stage).record()
+    """Run one stage of a plan; returns the stage record (paths, key, status, seconds).
+
+    Long loops inside the stage (tiles, embedding blocks) show as progress artifacts.
+    """
+    with progress.listening(PrefectProgress(stage)):
+        return run_stage(RegionPlan.from_dict(plan), stage).record()

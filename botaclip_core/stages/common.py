@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from botaclip_core.catalog import DaskSettings, StrictModel
@@ -111,8 +112,6 @@ class ChipSource(StrictModel):
 
     def reader(self, files: dict[str, Any], size: int) -> Any:
         """A :class:`~botaclip_core.chips.SourceChipReader` over the input orthophotos."""
-        from pathlib import Path
-
         from botaclip_core.chips import SourceChipReader
 
         return SourceChipReader(
@@ -122,3 +121,27 @@ class ChipSource(StrictModel):
             nodata=self.nodata,
             resampling=self.resampling,
         )
+
+
+class MapSettings(StrictModel):
+    """How an embedding map is laid out and stored: cells per block, stride, dtype."""
+
+    block_tiles: int
+    stride: int
+    dtype: str
+
+    @classmethod
+    def of(cls, ctx: PlanContext) -> MapSettings:
+        """The catalog's embedding-map settings (stride default: the tile size)."""
+        embed = ctx.catalog.embed
+        return cls(
+            block_tiles=embed.block_tiles,
+            stride=embed.stride or ctx.catalog.tiling.tile_size,
+            dtype=embed.dtype,
+        )
+
+
+def preview_path(store: str | Path) -> Path:
+    """Where a map's preview goes: ``<store>.preview.png`` beside the store."""
+    store = Path(store)
+    return store.with_name(store.name.removesuffix(".zarr") + ".preview.png")

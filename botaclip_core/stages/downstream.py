@@ -29,7 +29,6 @@ class DownstreamStageSettings(StageSettings):
     downstream: DownstreamSettings
     targets: list[str]
     grid: GridSettings
-    tile_size: int
 
 
 class DownstreamOutput(StageOutput):
@@ -51,7 +50,6 @@ def settings(ctx: PlanContext) -> DownstreamStageSettings:
         downstream=ctx.catalog.downstream,
         targets=list(ctx.region.targets),
         grid=GridSettings.of(ctx.grid),
-        tile_size=ctx.catalog.tiling.tile_size,
     )
 
 
@@ -66,10 +64,10 @@ def build(
     opts, grid = settings.downstream, settings.grid.to_grid()
     sources = {s: Path(maps[s]) for s in opts.feature_sources if maps.get(s)}
     block = opts.block_size_m or max(grid.width, grid.height) * grid.resolution / 5.0
-    background = _background(Path(maps["dofa"]), opts, settings.tile_size, grid)
+    background = _background(Path(maps["dofa"]), opts, grid)
     landscape, projectors = {}, {}
     for source, path in sources.items():
-        raw = _sample(path, background["rows"], background["cols"], settings.tile_size)
+        raw = _sample(path, background["rows"], background["cols"])
         projectors[source] = ds_models.fit_projector(raw, opts)
         landscape[source] = projectors[source].transform(raw)
     rows: list[dict[str, Any]] = []
@@ -80,7 +78,7 @@ def build(
         r, c = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
         xy = table.sites[["x", "y"]].to_numpy()
         for source, path in sources.items():
-            X = _sample(path, r, c, settings.tile_size)
+            X = _sample(path, r, c)
             ok = ~np.isnan(X).any(axis=1)
             X = projectors[source].transform(X[ok])
             scores = _evaluate(
@@ -99,10 +97,11 @@ def build(
     )
 
 
-def _sample(path: Path, rows: np.ndarray, cols: np.ndarray, tile_size: int) -> np.ndarray:
+def _sample(path: Path, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Embeddings (dequantized) of the cells holding image pixels (rows, cols)."""
     from botaclip_core.embed import sample_embeddings
 
-    return sample_embeddings(path, rows, cols, tile_size)
+    return sample_embeddings(path, rows, cols)
 
 
 def _evaluate(
@@ -150,17 +149,18 @@ def _metric_rows(task: str, kind: str, source: str, scores: TargetScores) -> lis
 
 
 def _background(
-    dofa_zarr: Path, opts: DownstreamSettings, tile_size: int, grid: RegionGrid
+    dofa_zarr: Path, opts: DownstreamSettings, grid: RegionGrid
 ) -> dict[str, np.ndarray]:
     """Background points: random pixels of covered embedding cells (seeded)."""
-    import zarr
+    from botaclip_core.embedding_store import EmbeddingStore
 
-    arr = zarr.open_array(str(dofa_zarr / "embedding"), mode="r")
-    covered = np.argwhere(~np.isnan(arr[0]))  # one feature plane: (ty, tx), small
+    store = EmbeddingStore(dofa_zarr)
+    covered = np.argwhere(store.covered(slice(None), slice(None)))  # (cy, cx) of one plane
+    cell = store.cell_px
     rng = np.random.default_rng(opts.seed)
     pick = covered[rng.integers(0, len(covered), size=opts.n_background)]
-    rows = pick[:, 0] * tile_size + rng.integers(0, tile_size, size=len(pick))
-    cols = pick[:, 1] * tile_size + rng.integers(0, tile_size, size=len(pick))
+    rows = pick[:, 0] * cell + rng.integers(0, cell, size=len(pick))
+    cols = pick[:, 1] * cell + rng.integers(0, cell, size=len(pick))
     xs, ys = grid.xy(rows, cols)
     return {"rows": rows, "cols": cols, "xy": np.column_stack([xs, ys])}
 

@@ -9,8 +9,10 @@ from botaclip_core.stages.base import Stage, StageInputs, StageOutput, StageSett
 from botaclip_core.stages.common import (
     BackboneSettings,
     InferenceRuntime,
+    MapSettings,
     inference_field,
     inference_runtime,
+    preview_path,
 )
 from botaclip_core.stages.context import PlanContext
 from botaclip_core.stages.embed_dofa import EmbedDofaOutput, embed_image
@@ -19,71 +21,97 @@ from botaclip_core.stages.tile import TileOutput
 
 
 class EmbedSettings(StageSettings):
-    """For pixel training modes, the tuned backbone re-embeds the image store."""
+    """The maps' layout and storage; for pixel modes, the backbone that re-embeds the image."""
 
     backbone: BackboneSettings
-    block_tiles: int
+    map: MapSettings
     inference: InferenceRuntime = inference_field()
 
 
 class EmbedOutput(StageOutput):
-    """The embedding maps: DOFA's (from ``embed-dofa``), BotaCLIP's and BotaSP's."""
+    """The embedding maps: DOFA's (from ``embed-dofa``), BotaCLIP's and BotaSP's; previews."""
 
     dofa: str
     botaclip: str | None = None
     botasp: str | None = None
+    previews: dict[str, str] = {}
 
 
 def settings(ctx: PlanContext) -> EmbedSettings:
     """The catalog's backbone and embedding settings."""
     return EmbedSettings(
-        backbone=BackboneSettings.of(ctx),
-        block_tiles=ctx.catalog.embed.block_tiles,
-        inference=inference_runtime(ctx),
+        backbone=BackboneSettings.of(ctx), map=MapSettings.of(ctx), inference=inference_runtime(ctx)
     )
 
 
 def build(settings: EmbedSettings, inputs: StageInputs, out_dir: Path) -> EmbedOutput:
     """Apply the trained adapters to the DOFA map, or embed the image with the tuned backbone."""
+    from botaclip_core.preview import write_preview
+
     dofa = inputs.output("embed-dofa", EmbedDofaOutput)
     trained = inputs.optional("finetune", FinetuneOutput)
     if trained is None:
         return EmbedOutput(dofa=dofa.zarr)
     attrs = {"finetune_key": inputs.keys["finetune"], "finetune_mode": trained.mode}
-    botaclip = out_dir / "botaclip.zarr"
+    maps = {"botaclip": out_dir / "botaclip.zarr"}
     if trained.mode == "adapter":
         from botaclip_core.training.adapter import load_adapter
 
-        _apply_adapter(
-            dofa.zarr, load_adapter(Path(trained.model)).adapter, botaclip, attrs, "botaclip"
-        )
+        adapter = load_adapter(Path(trained.model)).adapter
+        _apply_adapter(dofa.float32, adapter, maps["botaclip"], attrs, "botaclip", settings.map)
     else:  # the fine-tuned backbone itself embeds the region (resumable block by block)
-        embed_image(
-            Path(inputs.output("tile", TileOutput).zarr),
-            botaclip,
-            backbone=settings.backbone,
-            weights=trained.backbone,
-            block_tiles=settings.block_tiles,
-            inference=settings.inference,
-            attrs={**attrs, "source": "botaclip"},
-        )
-    botasp = None
+        _embed_tuned(settings, inputs, trained, maps["botaclip"], {**attrs, "source": "botaclip"})
     if trained.botasp:
         from botaclip_core.botasp import load_botasp_adapter
 
-        botasp = out_dir / "botasp.zarr"
-        _apply_adapter(
-            dofa.zarr, load_botasp_adapter(Path(trained.botasp)), botasp, attrs, "botasp"
-        )
+        maps["botasp"] = out_dir / "botasp.zarr"
+        adapter = load_botasp_adapter(Path(trained.botasp))
+        _apply_adapter(dofa.float32, adapter, maps["botasp"], attrs, "botasp", settings.map)
+    previews = {}
+    for name, store in maps.items():
+        if (png := write_preview(store, preview_path(store))) is not None:
+            previews[name] = str(png)
     return EmbedOutput(
-        dofa=dofa.zarr, botaclip=str(botaclip), botasp=str(botasp) if botasp else None
+        dofa=dofa.zarr,
+        botaclip=str(maps["botaclip"]),
+        botasp=str(maps["botasp"]) if "botasp" in maps else None,
+        previews=previews,
     )
 
 
-def _apply_adapter(
-    dofa_zarr: str, adapter: Any, out: Path, attrs: dict[str, Any], source: str
+def _embed_tuned(
+    settings: EmbedSettings,
+    inputs: StageInputs,
+    trained: FinetuneOutput,
+    out: Path,
+    attrs: dict[str, Any],
 ) -> None:
-    """Adapted embeddings of a DOFA Zarr: ``x @ W.T + b`` block by block."""
+    """The tuned backbone over the image store, in float32, then stored in the map's dtype."""
+    from botaclip_core.embed import transform_embeddings
+    from botaclip_core.embedding_store import EmbeddingStore
+
+    exact = settings.map.dtype == "float32"
+    features = out if exact else out.with_name(out.name.removesuffix(".zarr") + ".float32.zarr")
+    embed_image(
+        Path(inputs.output("tile", TileOutput).zarr),
+        features,
+        backbone=settings.backbone,
+        weights=trained.backbone,
+        layout=settings.map.model_copy(update={"dtype": "float32"}),
+        inference=settings.inference,
+        attrs=attrs,
+    )
+    if not exact:
+        dim = EmbeddingStore(features).dim
+        transform_embeddings(
+            features, out, lambda x: x, out_dim=dim, attrs=attrs, dtype=settings.map.dtype
+        )
+
+
+def _apply_adapter(
+    dofa_zarr: str, adapter: Any, out: Path, attrs: dict[str, Any], source: str, layout: MapSettings
+) -> None:
+    """Adapted embeddings of a DOFA map: ``x @ W.T + b`` chunk by chunk, in the map's dtype."""
     from botaclip_core.embed import transform_embeddings
 
     weight = adapter.weight.detach().cpu().numpy().T.copy()
@@ -94,13 +122,14 @@ def _apply_adapter(
         lambda x: x @ weight + bias,
         out_dim=weight.shape[1],
         attrs={**attrs, "source": source},
+        dtype=layout.dtype,
     )
 
 
 def report(output: EmbedOutput) -> dict[str, Any]:
-    """Every embedding map, by feature source."""
+    """Every embedding map, by feature source, and their previews."""
     maps = {"dofa": output.dofa, "botaclip": output.botaclip, "botasp": output.botasp}
-    return {"embeddings": {k: v for k, v in maps.items() if v}}
+    return {"embeddings": {k: v for k, v in maps.items() if v}, "previews": dict(output.previews)}
 
 
 STAGE = Stage(

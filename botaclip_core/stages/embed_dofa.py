@@ -6,12 +6,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from botaclip_core.embedding_store import EmbeddingStore
 from botaclip_core.stages.base import Stage, StageInputs, StageOutput, StageSettings
 from botaclip_core.stages.common import (
     BackboneSettings,
     InferenceRuntime,
+    MapSettings,
     inference_field,
     inference_runtime,
+    preview_path,
     weights_path,
 )
 from botaclip_core.stages.context import PlanContext
@@ -19,28 +22,38 @@ from botaclip_core.stages.tile import TileOutput
 
 
 class EmbedDofaSettings(StageSettings):
-    """The backbone and the block size of the embedding map."""
+    """The backbone and the layout and storage of the embedding map."""
 
     backbone: BackboneSettings
-    block_tiles: int
+    map: MapSettings
     inference: InferenceRuntime = inference_field()
 
 
 class EmbedDofaOutput(StageOutput):
-    """The DOFA embedding map (feature, ty, tx)."""
+    """The DOFA embedding map (feature, y, x), its preview, and the adapters' float32 input.
+
+    With ``embed.dtype`` float16 or int8, ``zarr`` is the published map in that type and
+    ``features`` the float32 map the adapters read, so BotaCLIP and BotaSP maps are computed
+    from exact DOFA features (and stay within half a quantization step of float32 maps).
+    """
 
     zarr: str
     blocks: int
     blocks_run: int
     tiles_embedded: int
+    preview: str | None = None
+    features: str | None = None
+
+    @property
+    def float32(self) -> str:
+        """The float32 DOFA map (the adapters' input)."""
+        return self.features or self.zarr
 
 
 def settings(ctx: PlanContext) -> EmbedDofaSettings:
     """The catalog's backbone and embedding settings."""
     return EmbedDofaSettings(
-        backbone=BackboneSettings.of(ctx),
-        block_tiles=ctx.catalog.embed.block_tiles,
-        inference=inference_runtime(ctx),
+        backbone=BackboneSettings.of(ctx), map=MapSettings.of(ctx), inference=inference_runtime(ctx)
     )
 
 
@@ -55,11 +68,11 @@ def embed_image(
     *,
     backbone: BackboneSettings,
     weights: str | None,
-    block_tiles: int,
+    layout: MapSettings,
     inference: InferenceRuntime,
     attrs: dict[str, Any],
 ) -> dict[str, Any]:
-    """Backbone features of every covered tile (Dask or in-process, resumable by block)."""
+    """Backbone features of every covered window (Dask or in-process, resumable by block)."""
     from botaclip_core.cluster import compute_client, local_workers
     from botaclip_core.embed import BackboneSpec, embed_region
     from botaclip_core.models.dofa import DOFA_SIZES
@@ -85,34 +98,54 @@ def embed_image(
             spec=spec,
             dim=DOFA_SIZES[backbone.size].embed_dim,
             tile_size=backbone.tile_size,
-            block_tiles=block_tiles,
+            block_tiles=layout.block_tiles,
+            stride=layout.stride,
+            dtype=layout.dtype,
             client=client,
             attrs={**attrs, "dofa_size": backbone.size},
         )
 
 
 def build(settings: EmbedDofaSettings, inputs: StageInputs, out_dir: Path) -> EmbedDofaOutput:
-    """Embed the image store with the frozen backbone."""
+    """Embed the image store with the frozen backbone (float32), publish it, preview it."""
+    from botaclip_core.embed import transform_embeddings
+    from botaclip_core.preview import write_preview
+
     weights = weights_path(inputs.files)
+    attrs = {
+        "source": "dofa",
+        "dofa_size": settings.backbone.size,
+        "dofa_weights": weights or "random",
+    }
+    published = out_dir / "dofa.zarr"
+    exact = settings.map.dtype == "float32"
+    features = published if exact else out_dir / "dofa.float32.zarr"
     result = embed_image(
         Path(inputs.output("tile", TileOutput).zarr),
-        out_dir / "dofa.zarr",
+        features,
         backbone=settings.backbone,
         weights=weights,
-        block_tiles=settings.block_tiles,
+        layout=settings.map.model_copy(update={"dtype": "float32"}),
         inference=settings.inference,
-        attrs={
-            "source": "dofa",
-            "dofa_size": settings.backbone.size,
-            "dofa_weights": weights or "random",
-        },
+        attrs=attrs,
     )
-    return EmbedDofaOutput.model_validate(result)
+    if not exact:  # seconds: a pass over the float32 map, rewritten whole on a resumed run
+        dim = EmbeddingStore(features).dim
+        transform_embeddings(
+            features, published, lambda x: x, out_dim=dim, attrs=attrs, dtype=settings.map.dtype
+        )
+    preview = write_preview(published, preview_path(published))
+    return EmbedDofaOutput(
+        **{**result, "zarr": str(published)},
+        preview=str(preview) if preview else None,
+        features=None if exact else str(features),
+    )
 
 
 def report(output: EmbedDofaOutput) -> dict[str, Any]:
-    """The DOFA embedding map."""
-    return {"embeddings": {"dofa": output.zarr}}
+    """The DOFA embedding map and its preview."""
+    previews = {"dofa": output.preview} if output.preview else {}
+    return {"embeddings": {"dofa": output.zarr}, "previews": previews}
 
 
 STAGE = Stage(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -151,13 +151,26 @@ def _run_task(task: _Task) -> tuple[int, int]:
 
 
 def _run_wave(
-    job: _Job, wave: list[Any], workers: int | None, client: distributed.Client | None
+    job: _Job,
+    wave: list[Any],
+    workers: int | None,
+    client: distributed.Client | None,
+    on_done: Callable[[tuple[int, int]], None] = lambda result: None,
 ) -> list[tuple[int, int]]:
-    """Run a wave of tasks on ``client``, or on local threads; (written, empty) per task."""
+    """Run a wave of tasks on ``client``, or on local threads; (written, empty) per task.
+
+    ``on_done`` sees each task's result as it finishes (progress bars).
+    """
     tasks = [_Task(job, *t) for t in wave]
     if client is not None:
-        return list(client.gather(client.map(_run_task, tasks, pure=False)))
+        from distributed import as_completed
+
+        futures = client.map(_run_task, tasks, pure=False)
+        for future in as_completed(futures):
+            on_done(future.result())
+        return list(client.gather(futures))
     import dask
+    from dask.callbacks import Callback
 
     # named in reverse so that the threaded scheduler, which breaks ties between independent
     # tasks by key, runs them in _group_tasks order (random names would scatter them)
@@ -165,6 +178,13 @@ def _run_wave(
         dask.delayed(_run_task, pure=False)(task, dask_key_name=f"tile-{len(tasks) - k:08d}")
         for k, task in enumerate(tasks)
     ]
-    return list(
-        dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1)
-    )
+    names = {d.key for d in delayed}
+
+    def posttask(key: Any, result: Any, *_: Any) -> None:
+        if key in names:  # dask's callbacks see every task of every threaded computation
+            on_done(result)
+
+    with Callback(posttask=posttask):
+        return list(
+            dask.compute(*delayed, scheduler="threads", num_workers=workers or os.cpu_count() or 1)
+        )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from botaclip_core import progress
 from botaclip_core.errors import InputDataError
 from botaclip_core.grid import RegionGrid
 from botaclip_core.tiling.blocks import _candidate_blocks, _Job, _shard_ids
@@ -294,9 +295,15 @@ def _run_tasks(
 ) -> tuple[int, int]:
     """Run the tasks wave by wave; returns (blocks written, blocks empty)."""
     n_written = n_empty = 0
-    for wave in _waves(tasks):
-        for written, empty in _run_wave(job, wave, workers, client):
-            n_written += written
-            n_empty += empty
-        logger.debug("tiling %s: %d written, %d empty so far", job.out, n_written, n_empty)
+    total = sum(len(t[0]) for t in tasks)
+    with progress.track(f"tiling {Path(job.out).name}", total=total, unit="tiles") as bar:
+
+        def done(result: tuple[int, int]) -> None:
+            bar.advance(result[0] + result[1])
+
+        for wave in _waves(tasks):
+            for written, empty in _run_wave(job, wave, workers, client, done):
+                n_written += written
+                n_empty += empty
+            logger.debug("tiling %s: %d written, %d empty so far", job.out, n_written, n_empty)
     return n_written, n_empty
