@@ -46,6 +46,7 @@ bench: $(VENV)/.stamp-install
 	$(PY) benchmarks/bench_tiling.py --repeat 3
 	$(PY) benchmarks/bench_tiling.py --repeat 2 --sources reprojected
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_sample.py
 
 server: $(VENV)/.stamp-install
 	$(VENV)/bin/prefect server start

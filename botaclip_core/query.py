@@ -190,7 +190,7 @@ def write_table(frame: gpd.GeoDataFrame, out: str | Path, *, keep_geometry: bool
         table.to_parquet(out, index=False)
     else:
         if keep_geometry:
-            table = pd.DataFrame(frame.assign(geometry=frame.geometry.to_wkt()))
+            table = pd.DataFrame(frame).assign(geometry=frame.geometry.to_wkt())
         table.to_csv(out, index=False)
     return out
 

@@ -16,7 +16,11 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "botaclip_core")
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+# shared/ beside the checkout (as in CI); BOTACLIP_REALDATA points elsewhere
+REALDATA = Path(
+    os.environ.get("BOTACLIP_REALDATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "realdata"
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +32,23 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture()
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
 def realdata() -> Path:
-    """The shared real data folder, or skip when this checkout has none beside it."""
+    """The shared real data folder.
+
+    Without it a developer's run skips the real-data tests; a CI run (``CI`` set, as GitHub
+    Actions and GitLab do) fails them, so that a CI job missing the data cannot pass silently.
+    """
     if not REALDATA.is_dir():
-        pytest.skip(f"real data not found at {REALDATA}")
+        msg = (
+            f"real data not found at {REALDATA}: check out shared/ beside the repository "
+            "or set BOTACLIP_REALDATA"
+        )
+        if _in_ci():
+            pytest.fail(f"{msg} (CI is set, so this is an error, not a skip)", pytrace=False)
+        pytest.skip(msg)
     return REALDATA

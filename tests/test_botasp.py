@@ -32,12 +32,40 @@ def make_data(n=96, views=2, dim=16, n_species=12, seed=0) -> TrainingData:
 SETTINGS = FinetuneSettings(epochs=6, batch_size=16, lr=1e-2, patience=50, device="cpu")
 
 
+def auc_by_pairs(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the share of (presence, absence) pairs ranked right, ties counting half."""
+    pos, neg = scores[labels > 0], scores[labels == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def bce_by_loop(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits, one term at a time in float64."""
+    total = 0.0
+    for y, z in zip(labels.ravel().tolist(), logits.ravel().tolist(), strict=True):
+        p = 1.0 / (1.0 + math.exp(-z))
+        total -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    return total / labels.size
+
+
 def test_mean_species_auc():
     presence = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=np.float32)
     perfect = presence * 2.0 - 1.0
     assert mean_species_auc(presence, perfect) == 1.0  # species 1 and 2 have one class only
     assert mean_species_auc(presence, -perfect) == 0.0
     assert math.isnan(mean_species_auc(presence[:, 1:], perfect[:, 1:]))
+    # partial rankings and ties: species 0 ranks 5 of 6 pairs right; species 1 ranks 2 pairs
+    # right, 2 wrong and ties 2 (counted half)
+    presence = np.array([[1, 1], [1, 0], [0, 0], [0, 1], [0, 0]], dtype=np.float32)
+    scores = np.array([[0.9, 0.5], [0.3, 0.5], [0.4, 0.1], [0.2, 0.4], [0.1, 0.5]])
+    assert auc_by_pairs(presence[:, 0], scores[:, 0]) == pytest.approx(5 / 6)
+    assert auc_by_pairs(presence[:, 1], scores[:, 1]) == pytest.approx(3 / 6)
+    assert mean_species_auc(presence, scores) == pytest.approx((5 / 6 + 3 / 6) / 2)
+    rng = np.random.default_rng(0)
+    presence = (rng.random((40, 6)) < 0.3).astype(np.float32)
+    scores = presence + rng.normal(size=(40, 6))
+    expected = np.mean([auc_by_pairs(presence[:, j], scores[:, j]) for j in range(6)])
+    assert mean_species_auc(presence, scores) == pytest.approx(expected, abs=1e-12)
 
 
 def test_botasp_learns_species(tmp_path):
@@ -60,12 +88,18 @@ def test_botasp_learns_species(tmp_path):
     assert torch.equal(adapter.weight, state["model"]["adapter.weight"])
     assert not torch.allclose(adapter.weight, torch.eye(16))  # moved away from identity
 
-    # the saved model reproduces the validation AUC of the best epoch
+    # the saved model reproduces the validation AUC and loss of the best epoch
     model = load_botasp(tmp_path / "botasp.pt")
     with torch.no_grad():
-        scores = model(torch.from_numpy(data.features[val, 0])).numpy()
-    auc = mean_species_auc((data.releves[val] > 0).astype(np.float32), scores)
-    assert auc == pytest.approx(summary["val_auc"], abs=1e-6)
+        logits = model(torch.from_numpy(data.features[val, 0])).numpy()
+    presence = (data.releves[val] > 0).astype(np.float64)
+    both = [j for j in range(presence.shape[1]) if 0 < presence[:, j].sum() < len(presence)]
+    assert len(both) >= 8
+    auc = np.mean([auc_by_pairs(presence[:, j], logits[:, j]) for j in both])
+    assert summary["val_auc"] == pytest.approx(auc, abs=1e-6)
+    assert summary["best_val_loss"] == pytest.approx(bce_by_loop(presence, logits), rel=1e-5)
+    best = history[summary["best_epoch"]]
+    assert best["val_loss"] == min(h["val_loss"] for h in history) == summary["best_val_loss"]
 
 
 def test_botasp_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
@@ -83,7 +117,7 @@ def test_botasp_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         train_botasp(data, SETTINGS, tmp_path / "crashed")
     monkeypatch.setattr(torch.optim.Adam, "step", original_step)
     assert torch.load(tmp_path / "crashed" / "botasp_last.pt", weights_only=True)["epoch"] == 2

@@ -28,7 +28,7 @@ def test_minimal_catalog_defaults_and_paths(tmp_path):
 
 def test_unknown_key_names_key_and_allowed_ones(tmp_path):
     bad = {"regions": {"r": {**REGION, "orthophoto": {}}}}
-    with pytest.raises(CatalogError) as err:
+    with pytest.raises(CatalogError, match="unknown key 'orthophoto'") as err:
         parse_catalog(bad, base_dir=tmp_path, source="cat.yaml")
     msg = str(err.value)
     assert "regions.r.orthophoto: unknown key 'orthophoto'" in msg

@@ -1,7 +1,9 @@
 import logging
+import math
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dofa_reference import reference_features
@@ -87,11 +89,59 @@ def test_output_shape(tiny: DOFA, batch: int, wavelengths: list[float]) -> None:
     assert torch.isfinite(out).all()
 
 
-def test_other_tile_size_resamples_position_embedding(tiny: DOFA) -> None:
+def bicubic_resample(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Resample ``(h, w, D)`` with cubic convolution (a = -0.75), half-pixel centres, edges clamped.
+
+    Written out per output index, as PyTorch documents ``interpolate(mode="bicubic",
+    align_corners=False)``, in float64.
+    """
+    a = -0.75
+
+    def weights(t: float) -> list[float]:
+        def near(x: float) -> float:  # |x| <= 1
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+
+        def far(x: float) -> float:  # 1 < |x| < 2
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+    def along(values: np.ndarray, n_out: int) -> np.ndarray:  # resample axis 0
+        n_in = values.shape[0]
+        out = np.zeros((n_out, *values.shape[1:]))
+        for i in range(n_out):
+            src = (i + 0.5) * n_in / n_out - 0.5
+            x0 = math.floor(src)
+            for k, w in zip(range(x0 - 1, x0 + 3), weights(src - x0), strict=True):
+                out[i] += w * values[min(max(k, 0), n_in - 1)]
+        return out
+
+    rows = along(grid.astype(np.float64), out_h)
+    return along(rows.transpose(1, 0, 2), out_w).transpose(1, 0, 2)
+
+
+def test_bicubic_reference_keeps_the_native_grid_and_constants() -> None:
+    grid = np.random.default_rng(0).normal(size=(14, 14, 3))
+    np.testing.assert_allclose(bicubic_resample(grid, 14, 14), grid, atol=1e-12)
+    np.testing.assert_allclose(bicubic_resample(np.full((14, 14, 2), 0.7), 6, 10), 0.7)
+
+
+@pytest.mark.parametrize("height,width", [(96, 96), (96, 160), (320, 256)])
+def test_other_tile_size_resamples_position_embedding(tiny: DOFA, height: int, width: int) -> None:
+    # patch grid of DOFA's conv (kernel 16, stride 16, padding 1): 96 px -> 6, 160 -> 10, 320 -> 20
+    grid_h, grid_w = (height + 2 - 16) // 16 + 1, (width + 2 - 16) // 16 + 1
+    native = tiny.pos_embed.detach()[0, 1:].reshape(14, 14, -1).numpy()
+    resampled = bicubic_resample(native, grid_h, grid_w).reshape(grid_h * grid_w, -1)
+    state = dict(tiny.state_dict())
+    state["pos_embed"] = torch.cat(
+        [tiny.pos_embed.detach()[:, :1], torch.from_numpy(resampled)[None].float()], dim=1
+    )
+    x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        out = tiny(images(2, 3, size=96), RGB)
+        out = tiny(x, RGB)
+    ref = reference_features(state, x, RGB, tiny.num_heads)
     assert out.shape == (2, 64)
-    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_band_count_mismatch(tiny: DOFA) -> None:
@@ -175,6 +225,100 @@ def test_round_trip(tiny: DOFA, tmp_path: Path, fmt: str) -> None:
         torch.testing.assert_close(loaded(x, RGBN), model(x, RGBN), atol=0, rtol=0)
 
 
+def official_checkpoint(dim: int = 64, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict laid out like the authors' ``DOFA_ViT_base_e100.pth``, key by key.
+
+    The MAE-style pre-training encoder: ``cls_token``, ``pos_embed``, ``mask_token``, the
+    wavelength-conditioned patch embedding (``patch_embed.fclayer`` and
+    ``patch_embed.weight_generator`` with a one-layer ``nn.TransformerEncoder`` of width 128,
+    feed-forward 2048, 128 weight tokens), timm ViT ``blocks``, a final ``norm`` and a
+    ``projector``; no ``fc_norm`` (the fine-tuning head's norm) and no classification head.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape: int, base: float = 0.0) -> torch.Tensor:
+        return base + 0.05 * torch.randn(shape, generator=gen)
+
+    w, k = 128, 16  # wavelength embedding width, patch size
+    gen_w = "patch_embed.weight_generator."
+    enc = gen_w + "transformer_encoder.layers.0."
+    state = {
+        "cls_token": t(1, 1, dim),
+        "pos_embed": t(1, 1 + 14 * 14, dim),
+        "mask_token": t(1, 1, dim),
+        gen_w + "weight_tokens": t(128, w),
+        gen_w + "bias_token": t(1, w),
+        enc + "self_attn.in_proj_weight": t(3 * w, w),
+        enc + "self_attn.in_proj_bias": t(3 * w),
+        enc + "self_attn.out_proj.weight": t(w, w),
+        enc + "self_attn.out_proj.bias": t(w),
+        enc + "linear1.weight": t(2048, w),
+        enc + "linear1.bias": t(2048),
+        enc + "linear2.weight": t(w, 2048),
+        enc + "linear2.bias": t(w),
+        enc + "norm1.weight": t(w, base=1.0),
+        enc + "norm1.bias": t(w),
+        enc + "norm2.weight": t(w, base=1.0),
+        enc + "norm2.bias": t(w),
+        gen_w + "fc_weight.weight": t(k * k * dim, w),
+        gen_w + "fc_weight.bias": t(k * k * dim),
+        gen_w + "fc_bias.weight": t(dim, w),
+        gen_w + "fc_bias.bias": t(dim),
+        "patch_embed.fclayer.w1.weight": t(w, w),
+        "patch_embed.fclayer.w1.bias": t(w),
+        "patch_embed.fclayer.w2.weight": t(w, w),
+        "patch_embed.fclayer.w2.bias": t(w),
+        "norm.weight": t(dim, base=1.0),
+        "norm.bias": t(dim),
+        "projector.weight": t(dim, dim),
+        "projector.bias": t(dim),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        state |= {
+            b + "norm1.weight": t(dim, base=1.0),
+            b + "norm1.bias": t(dim),
+            b + "attn.qkv.weight": t(3 * dim, dim),
+            b + "attn.qkv.bias": t(3 * dim),
+            b + "attn.proj.weight": t(dim, dim),
+            b + "attn.proj.bias": t(dim),
+            b + "norm2.weight": t(dim, base=1.0),
+            b + "norm2.bias": t(dim),
+            b + "mlp.fc1.weight": t(4 * dim, dim),
+            b + "mlp.fc1.bias": t(4 * dim),
+            b + "mlp.fc2.weight": t(dim, 4 * dim),
+            b + "mlp.fc2.bias": t(dim),
+        }
+    return state
+
+
+def test_official_checkpoint_layout_loads(tmp_path: Path) -> None:
+    state = official_checkpoint()
+    torch.save(state, tmp_path / "DOFA_ViT_tiny_e100.pth")
+    model = build_dofa("tiny", weights=tmp_path / "DOFA_ViT_tiny_e100.pth", seed=99).eval()
+    loaded = model.state_dict()
+    for key in loaded.keys() - {"fc_norm.weight", "fc_norm.bias"}:
+        assert torch.equal(loaded[key], state[key]), key
+    # no fc_norm in the file: LayerNorm's default, not the pre-training ``norm``
+    assert torch.equal(model.fc_norm.weight, torch.ones(64))
+    assert torch.equal(model.fc_norm.bias, torch.zeros(64))
+    x = images(2, 4)
+    with torch.no_grad():
+        out = model(x, RGBN)
+    with_fc_norm = {**state, "fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64)}
+    ref = reference_features(with_fc_norm, x, RGBN, model.num_heads)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_save_official_writes_the_official_keys(tiny: DOFA, tmp_path: Path) -> None:
+    saved = torch.load(save_dofa(tiny, tmp_path / "o.pth", format="official"), weights_only=True)
+    expected = official_checkpoint()
+    assert set(saved) == set(expected)
+    for key, value in expected.items():
+        if not key.startswith("projector."):  # a placeholder: its shape is the writer's choice
+            assert saved[key].shape == value.shape, key
+
+
 def test_torchgeo_file_without_fc_norm_keeps_default(tiny: DOFA, tmp_path: Path) -> None:
     state = {k: v for k, v in tiny.state_dict().items() if not k.startswith("fc_norm")}
     state["head.weight"] = torch.zeros(45, 64)  # a TorchGeo model built with num_classes=45
@@ -200,7 +344,7 @@ def test_wrapped_checkpoints(tiny: DOFA, tmp_path: Path, wrap: str) -> None:
 
 def test_random_dict_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
     torch.save({"encoder.layer1.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
-    with pytest.raises(WeightsError) as info:
+    with pytest.raises(WeightsError, match="does not match DOFA") as info:
         build_dofa("tiny", weights=tmp_path / "other.pth")
     message = str(info.value)
     assert "other.pth" in message
@@ -228,7 +372,7 @@ def test_missing_block_is_an_error_even_when_lenient(tiny: DOFA, tmp_path: Path)
 
 def test_wrong_size_names_key_shapes_and_size(tiny: DOFA, tmp_path: Path) -> None:
     path = save_dofa(tiny, tmp_path / "tiny.pth")
-    with pytest.raises(WeightsError) as info:
+    with pytest.raises(WeightsError, match="looks like DOFA 'tiny'") as info:
         build_dofa("small", weights=path)
     message = str(info.value)
     assert "'cls_token'" in message
@@ -262,7 +406,7 @@ def test_pickled_object_is_refused(tmp_path: Path) -> None:
         build_dofa("tiny", weights=path)
     with path.open("wb") as f:
         pickle.dump(Payload(), f, protocol=2)
-    with pytest.raises(WeightsError):
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
         build_dofa("tiny", weights=path)
 
 

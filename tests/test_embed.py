@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rioxarray  # noqa: F401
+import torch
 import xarray as xr
 import zarr
 
@@ -18,7 +19,7 @@ from botaclip_core.embed import (
     sample_embeddings,
     transform_embeddings,
 )
-from botaclip_core.features import encode_tiles, load_backbone
+from botaclip_core.models import build_dofa
 from botaclip_core.tiling import region_grid_for_sources, tile_orthophotos
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -29,8 +30,8 @@ SPEC = BackboneSpec(
     weights=None,
     seed=0,
     wavelengths_um=(0.665, 0.56, 0.49, 0.842),
-    mean=(127.5,) * 4,
-    std=(64.0,) * 4,
+    mean=(120.0, 118.0, 110.0, 130.0),
+    std=(60.0, 58.0, 62.0, 64.0),
     batch_size=4,
 )
 
@@ -40,9 +41,15 @@ def image(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
     sources = make_orthophotos(root / "src", size=300)["aligned"]
     grid = region_grid_for_sources(sources, crs="EPSG:2154", resolution=0.5)
-    # pad the region so that some blocks hold no source pixel at all
+    # pad the region by two empty tiles on the left, so that some blocks hold no source pixel
+    pad = 2 * 224
     grid = type(grid)(
-        grid.crs, grid.resolution, grid.left - 448, grid.top, grid.width + 448, grid.height
+        grid.crs,
+        grid.resolution,
+        grid.left - pad * grid.resolution,
+        grid.top,
+        grid.width + pad,
+        grid.height,
     )
     result = tile_orthophotos(
         sources,
@@ -54,6 +61,35 @@ def image(tmp_path_factory):
     return result
 
 
+def direct_embeddings(image_zarr: Path, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every tile of the image through a freshly built DOFA, written out without embed.py.
+
+    Returns the ``(ty, tx)`` covered mask (a tile with at least one valid pixel) and the
+    ``(D, ty, tx)`` features, NaN where not covered.
+    """
+    group = zarr.open_group(str(image_zarr), mode="r")
+    pixels, valid = np.asarray(group["image"]), np.asarray(group["valid"]) > 0
+    n_ty, n_tx = -(-pixels.shape[1] // tile), -(-pixels.shape[2] // tile)
+    padded = np.zeros((pixels.shape[0], n_ty * tile, n_tx * tile), dtype=np.float32)
+    padded[:, : pixels.shape[1], : pixels.shape[2]] = pixels
+    covered = np.zeros((n_ty, n_tx), dtype=bool)
+    for ty in range(n_ty):
+        for tx in range(n_tx):
+            covered[ty, tx] = valid[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile].any()
+    cells = np.argwhere(covered)
+    tiles = np.stack(
+        [padded[:, ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile] for ty, tx in cells]
+    )
+    mean = np.asarray(SPEC.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(SPEC.std, dtype=np.float32)[None, :, None, None]
+    model = build_dofa("tiny", weights=None, seed=SPEC.seed).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.from_numpy((tiles - mean) / std), SPEC.wavelengths_um)
+    expected = np.full((model.embed_dim, n_ty, n_tx), np.nan, dtype=np.float32)
+    expected[:, cells[:, 0], cells[:, 1]] = feats.numpy().T
+    return covered, expected
+
+
 def test_embeddings_equal_direct_forward_and_are_georeferenced(image, tmp_path):
     out = tmp_path / "dofa.zarr"
     info = embed_region(image.path, out, spec=SPEC, dim=64, tile_size=224, block_tiles=2)
@@ -62,23 +98,17 @@ def test_embeddings_equal_direct_forward_and_are_georeferenced(image, tmp_path):
     assert ds.rio.crs.to_epsg() == 2154 and ds.rio.transform() == grid.transform
     emb = ds["embedding"].values
     assert emb.shape == (64, grid.height, grid.width)
-    covered = ~np.isnan(emb[0])
-    assert covered.any() and not covered.all()  # the padded strip on the left holds no data
+    covered, expected = direct_embeddings(image.path, 224)
+    assert not covered[:, :2].any()  # the padded strip on the left holds no data
+    assert covered[:2, 2:].all()  # whole 2 x 2 blocks of tiles hold data (block (0, 1))
+    np.testing.assert_array_equal(~np.isnan(emb).any(axis=0), covered)
+    assert np.isnan(emb[:, ~covered]).all()
     assert info["tiles_embedded"] == int(covered.sum())
-    # one covered tile, recomputed directly
-    ty, tx = np.argwhere(covered)[0]
-    pixels = zarr.open_group(str(image.path), mode="r")["image"]
-    tile = np.zeros((4, 224, 224), dtype=np.uint8)
-    part = pixels[:, ty * 224 : (ty + 1) * 224, tx * 224 : (tx + 1) * 224]
-    tile[:, : part.shape[1], : part.shape[2]] = part
-    model = load_backbone("tiny", None, 0)
-    direct = encode_tiles(
-        model, tile[None], SPEC.wavelengths_um, np.float32(SPEC.mean), np.float32(SPEC.std)
-    )
-    np.testing.assert_allclose(emb[:, ty, tx], direct[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
     # sampling at pixel positions reads the right cell
-    sampled = sample_embeddings(out, np.array([ty * 224 + 5]), np.array([tx * 224 + 100]), 224)
-    np.testing.assert_array_equal(sampled[0], emb[:, ty, tx])
+    for ty, tx in np.argwhere(covered):
+        sampled = sample_embeddings(out, np.array([ty * 224 + 5]), np.array([tx * 224 + 100]), 224)
+        np.testing.assert_array_equal(sampled[0], emb[:, ty, tx])
 
 
 def test_resume_and_dask_client_give_identical_store(image, tmp_path):
@@ -86,29 +116,34 @@ def test_resume_and_dask_client_give_identical_store(image, tmp_path):
 
     reference = tmp_path / "ref.zarr"
     embed_region(image.path, reference, spec=SPEC, dim=64, tile_size=224, block_tiles=1)
+    expected = xr.open_zarr(reference)["embedding"].values
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
         with Client(cluster) as client:
-            # an interrupted run: half of the block records are dropped, their chunks kept or not
             out = tmp_path / "dask.zarr"
             first = embed_region(
                 image.path, out, spec=SPEC, dim=64, tile_size=224, block_tiles=1, client=client
             )
+            # an interrupted run: half of the block records are missing, and their chunks hold
+            # garbage (a block is recorded after its chunk is written, so it may be half-written)
             records = sorted((tmp_path / "dask.zarr.blocks").iterdir())
-            for r in records[::2]:
+            assert len(records) == first["blocks"] == first["blocks_run"]
+            dropped = records[::2]
+            chunks = zarr.open_array(str(out / "embedding"), mode="r+")
+            for r in dropped:
+                by, bx = map(int, r.name.split("_"))  # block_tiles=1: one cell per block
+                assert not np.isnan(expected[:, by, bx]).all()  # only covered blocks have records
+                chunks[:, by, bx] = 0.0
                 r.unlink()
             again = embed_region(
                 image.path, out, spec=SPEC, dim=64, tile_size=224, block_tiles=1, client=client
             )
-    assert again["blocks_run"] == len(records[::2]) < first["blocks_run"]
+    assert again["blocks_run"] == len(dropped) < first["blocks_run"]
+    assert sorted((tmp_path / "dask.zarr.blocks").iterdir()) == records
     # float sums differ in the last bits with torch's thread count (1 in the worker, 2 here)
-    np.testing.assert_allclose(
-        xr.open_zarr(out)["embedding"].values,
-        xr.open_zarr(reference)["embedding"].values,
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    resumed = xr.open_zarr(out)["embedding"].values
+    np.testing.assert_allclose(resumed, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_transform_embeddings_applies_function_and_keeps_nan(image, tmp_path):

@@ -13,6 +13,7 @@ from botaclip_core.finetune import (
     draw_epoch_augmentations,
     load_adapter,
     spatial_split,
+    split_plots,
     train_adapter,
     train_backbone,
 )
@@ -35,7 +36,8 @@ def make_data(n=96, views=2, dim=16, n_species=12, seed=0) -> TrainingData:
     )
 
 
-SETTINGS = FinetuneSettings(epochs=6, batch_size=16, lr=1e-2, patience=50)
+# device pinned: "auto" would pick CUDA on a GPU machine, where results are not bit-exact
+SETTINGS = FinetuneSettings(epochs=6, batch_size=16, lr=1e-2, patience=50, device="cpu")
 
 
 def test_spatial_split_holds_out_blocks():
@@ -45,6 +47,39 @@ def test_spatial_split_holds_out_blocks():
     np.testing.assert_array_equal(val, spatial_split(data.coords, 0.25, seed=0))
     with pytest.raises(StageError, match="cannot hold out"):
         spatial_split(np.zeros((10, 2)), 0.2, seed=0)
+
+
+def separation(coords: np.ndarray, val: np.ndarray) -> tuple[float, float]:
+    """Mean distance from a validation plot to the nearest training plot, and the share of
+    validation plots whose nearest other plot is also a validation plot."""
+    dist = np.hypot(*(coords[:, None, :] - coords[None, :, :]).transpose(2, 0, 1))
+    to_train = dist[np.ix_(val, ~val)].min(axis=1).mean()
+    np.fill_diagonal(dist, np.inf)
+    nearest = dist.argmin(axis=1)
+    return float(to_train), float(val[nearest[val]].mean())
+
+
+def test_validation_plots_lie_apart_from_training_plots():
+    coords = np.random.default_rng(0).uniform(0, 1000, size=(200, 2))
+    settings = SETTINGS.model_copy(update={"val_fraction": 0.25})
+    # a random hold-out of the same size: validation plots sit among training plots
+    random_dist, random_share = [], []
+    for seed in range(5):
+        val = np.zeros(200, dtype=bool)
+        val[np.random.default_rng(seed).choice(200, 50, replace=False)] = True
+        d, share = separation(coords, val)
+        random_dist.append(d)
+        random_share.append(share)
+    assert max(random_share) < 0.4
+    for seed in range(3):
+        train_idx, val_idx = split_plots(coords, settings.model_copy(update={"seed": seed}))
+        assert sorted([*train_idx, *val_idx]) == list(range(200))
+        val = np.zeros(200, dtype=bool)
+        val[val_idx] = True
+        np.testing.assert_array_equal(val, spatial_split(coords, 0.25, seed=seed))
+        d, share = separation(coords, val)
+        assert d > 1.5 * max(random_dist), seed
+        assert share > 0.75, seed
 
 
 @pytest.mark.parametrize("loss,reg", [("infonce", "l2sp"), ("sigmoid", "similarity")])
@@ -77,7 +112,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         train_adapter(data, SETTINGS, tmp_path / "crashed")
     monkeypatch.setattr(torch.optim.Adam, "step", original_step)
     assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)["epoch"] == 2
@@ -86,6 +121,29 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
     assert resumed.keys() == reference.keys()
     for k in reference:
         assert torch.equal(resumed[k], reference[k]), k
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    data = make_data()
+    # a high learning rate: the validation loss bottoms out well before 40 epochs
+    settings = SETTINGS.model_copy(update={"lr": 5e-2, "epochs": 40, "patience": 3})
+    summary = train_adapter(data, settings, tmp_path / "stopped")
+    history = summary["history"]
+    val_loss = np.array([h["val_loss"] for h in history])
+    best = int(np.argmin(val_loss))
+    assert summary["best_epoch"] == best and summary["best_val_loss"] == val_loss[best]
+    # stopped after `patience` epochs without improvement, not at the epoch budget
+    assert len(history) == summary["epochs_run"] == best + 1 + settings.patience < settings.epochs
+    assert (val_loss[best + 1 :] > val_loss[best]).all()
+    # the kept model is the best epoch's: the same run stopped right after that epoch
+    train_adapter(data, settings.model_copy(update={"epochs": best + 1}), tmp_path / "to_best")
+    at_best = torch.load(tmp_path / "to_best" / "last.pt", weights_only=True)["model"]
+    kept = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
+    assert kept.keys() == at_best.keys()
+    for k in at_best:
+        assert torch.equal(kept[k], at_best[k]), k
+    assert not torch.equal(kept["adapter.weight"], last["adapter.weight"])
 
 
 def test_too_few_plots(tmp_path):
@@ -127,7 +185,7 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_adapter_summary_has_card(tmp_path):
     summary = train_adapter(make_data(), SETTINGS.model_copy(update={"epochs": 1}), tmp_path)
     assert summary["card"]["mode"] == "adapter"
-    assert summary["card"]["device"] in ("cpu", "cuda")
+    assert summary["card"]["device"] == "cpu"
     assert summary["training_curve"] == str(tmp_path / "training_curve.png")
 
 
@@ -238,18 +296,31 @@ def test_partial_mode_lora(tmp_path, init_weights):
     assert summary["card"]["trainable"] == "LoRA rank 4, alpha 16 on attn.qkv of every block"
 
 
-def test_bf16_autocast_path_runs(tmp_path, monkeypatch, init_weights):
+def test_bf16_autocast_path_matches_fp32(tmp_path, monkeypatch, init_weights):
     # CUDA runs the DOFA forwards under bf16 autocast and the losses in fp32: exercise it on CPU
+    settings = PIXEL_SETTINGS.model_copy(update={"epochs": 1, "regularizer": "similarity"})
+    fp32 = run_pixels(settings, tmp_path / "fp32", init_weights, n=8)
     monkeypatch.setattr(
         finetune,
         "precision_context",
         lambda device: ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)), "bf16 autocast"),
     )
-    settings = PIXEL_SETTINGS.model_copy(update={"epochs": 1, "regularizer": "similarity"})
-    summary = run_pixels(settings, tmp_path, init_weights, n=8)
-    assert np.isfinite(summary["history"][0]["train_loss"])
-    assert np.isfinite(summary["best_val_loss"])
-    assert summary["card"]["precision"] == "bf16 autocast"
+    bf16 = run_pixels(settings, tmp_path / "bf16", init_weights, n=8)
+    assert bf16["card"]["precision"] == "bf16 autocast" and fp32["card"]["precision"] == "fp32"
+    (a,), (b,) = fp32["history"], bf16["history"]
+    # one batch per epoch: the training loss is one step's, from the same start weights
+    assert fp32["n_train"] // settings.batch_size == 1
+    assert b["train_loss"] != a["train_loss"]  # autocast was on
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=3e-2)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=3e-2)
+    assert bf16["best_val_loss"] == pytest.approx(fp32["best_val_loss"], rel=3e-2)
+    # the same weights trained, each within about one Adam step (lr) of the fp32 run's
+    changed, _ = changed_keys(init_weights, tmp_path / "bf16" / "backbone.pt")
+    assert changed == changed_keys(init_weights, tmp_path / "fp32" / "backbone.pt")[0]
+    a_state = build_dofa("tiny", weights=tmp_path / "fp32" / "backbone.pt").state_dict()
+    b_state = build_dofa("tiny", weights=tmp_path / "bf16" / "backbone.pt").state_dict()
+    for k in a_state:
+        assert (a_state[k] - b_state[k]).abs().max() <= 2.5 * settings.lr, k
 
 
 def test_pixel_resume_after_crash_matches_uninterrupted(
@@ -269,7 +340,7 @@ def test_pixel_resume_after_crash_matches_uninterrupted(
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         run_pixels(PIXEL_SETTINGS, tmp_path, init_weights)
     monkeypatch.setattr(torch.optim.Adam, "step", original_step)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
@@ -307,6 +378,13 @@ def test_pixel_mode_errors(tmp_path, init_weights):
         )
 
 
+def augment_by_hand(window: np.ndarray, aug) -> np.ndarray:
+    """Flip (columns reversed), then rotate 90° counter-clockwise ``rot90`` times."""
+    if aug.flip:
+        window = np.flip(window, axis=2)
+    return np.rot90(window, aug.rot90, axes=(1, 2))
+
+
 def test_crop_chip_matches_chip_reader(tmp_path):
     import zarr
 
@@ -317,17 +395,51 @@ def test_crop_chip_matches_chip_reader(tmp_path):
     group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w")
     group.create_array("image", data=image)
     size, margin, row, col = 8, 3, 20, 17
-    big = ChipReader(tmp_path / "img.zarr", size + 2 * margin).read(row, col)
+    half, side = size // 2, size + 2 * margin
+    big = image[
+        :, row - side // 2 : row - side // 2 + side, col - side // 2 : col - side // 2 + side
+    ]
+    np.testing.assert_array_equal(ChipReader(tmp_path / "img.zarr", side).read(row, col), big)
     small = ChipReader(tmp_path / "img.zarr", size)
-    for aug in draw_epoch_augmentations(np.random.default_rng(1), 12, margin):
+    augs = draw_epoch_augmentations(np.random.default_rng(1), 12, margin)
+    assert {a.flip for a in augs} == {False, True} and {a.rot90 for a in augs} == {0, 1, 2, 3}
+    for aug in augs:
+        r0, c0 = row - half + aug.shift_rows, col - half + aug.shift_cols
+        expected = augment_by_hand(image[:, r0 : r0 + size, c0 : c0 + size], aug)
+        np.testing.assert_array_equal(crop_chip(big, aug, margin=margin, size=size), expected)
         geometric = Augmentation(aug.flip, aug.rot90, aug.shift_rows, aug.shift_cols)
-        np.testing.assert_array_equal(
-            crop_chip(big, aug, margin=margin, size=size), small.read(row, col, geometric)
-        )
-    assert (
-        max(
-            abs(a.shift_rows)
-            for a in draw_epoch_augmentations(np.random.default_rng(1), 50, margin)
-        )
-        <= margin
-    )
+        np.testing.assert_array_equal(small.read(row, col, geometric), expected)
+    shifts = [
+        (a.shift_rows, a.shift_cols)
+        for a in draw_epoch_augmentations(np.random.default_rng(1), 50, margin)
+    ]
+    assert max(abs(v) for pair in shifts for v in pair) == margin
+
+
+def test_pixel_batches_crop_flip_rotate_brighten_and_normalise():
+    from botaclip_core.finetune import PixelBatches
+
+    rng = np.random.default_rng(0)
+    margin, size = 3, 12
+    chips = rng.integers(1, 256, size=(5, 4, size + 2 * margin, size + 2 * margin), dtype=np.uint8)
+    chips[:, :, :6, :6] = 0  # nodata stays nodata
+    chips[:, :, -3:, -3:] = 250  # bright pixels that a factor above 1 saturates at 255
+    batches = PixelBatches(chips, margin=margin, mean=MEAN, std=STD, device=torch.device("cpu"))
+    mean = np.asarray(MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(STD, dtype=np.float32)[:, None, None]
+    augs = draw_epoch_augmentations(np.random.default_rng(4), len(chips), margin)
+    factors = np.array([a.brightness for a in augs])
+    assert ((0.9 <= factors) & (factors <= 1.1)).all()
+    rows = np.array([4, 0, 2])
+    assert (factors[rows] > 255 / 250).any() and (factors[rows] < 1).any()
+    x = batches(rows, augs).numpy()
+    for got, i in zip(x, rows, strict=True):
+        aug = augs[i]
+        r0, c0 = margin + aug.shift_rows, margin + aug.shift_cols
+        window = augment_by_hand(chips[i, :, r0 : r0 + size, c0 : c0 + size], aug)
+        dn = window.astype(np.float64)
+        bright = np.where(dn > 0, np.clip(dn * aug.brightness, 1, 255), 0)
+        np.testing.assert_allclose(got, (bright - mean) / std, rtol=1e-5, atol=1e-5)
+    plain = batches(rows, None).numpy()
+    centre = chips[rows][:, :, margin : margin + size, margin : margin + size]
+    np.testing.assert_allclose(plain, (centre - mean) / std, rtol=1e-6, atol=1e-6)

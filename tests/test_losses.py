@@ -133,5 +133,5 @@ def test_mismatched_batches() -> None:
 
 
 def test_bad_temperature() -> None:
-    with pytest.raises(CatalogError):
+    with pytest.raises(CatalogError, match="init_temperature must be > 0, got 0.0"):
         SigmoidLoss(init_temperature=0.0)

@@ -310,3 +310,47 @@ def test_int8_maps_leave_downstream_scores_unchanged(tmp_path):
     for key, value in rows["float32"].items():
         tolerance = 0.05 if key[2] == "boyce" else 0.01
         assert rows["int8"][key] == pytest.approx(value, abs=tolerance), key
+
+
+def test_sample_geopackage_points_with_nodata_to_csv(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import Point
+
+    from botaclip_core.embedding_store import create_embedding_store
+
+    grid = RegionGrid("EPSG:2154", 100.0, 900000.0, 6500000.0, 6, 4)  # 6 × 4 cells of 100 m
+    values = np.arange(3 * 4 * 6, dtype=np.float32).reshape(3, 4, 6) / 10
+    values[:, 1, 2] = np.nan  # nothing embedded in cell (row 1, col 2)
+    store = tmp_path / "map.zarr"
+    create_embedding_store(store, grid, 3, chunk=2, attrs={"tile_size_px": 224}, dtype="int8")
+    EmbeddingStore(store, mode="r+").write(0, 0, values)
+    to_3857 = Transformer.from_crs("EPSG:2154", "EPSG:3857", always_xy=True)
+    lambert = [
+        (900050.0, 6499950.0),
+        (900250.0, 6499850.0),
+        (900350.0, 6499650.0),
+        (899000.0, 6499950.0),
+    ]
+    points = gpd.GeoDataFrame(
+        {"name": ["a", "b", "c", "d"]},
+        geometry=[Point(*to_3857.transform(x, y)) for x, y in lambert],
+        crs="EPSG:3857",
+    )
+    points.to_file(tmp_path / "points.gpkg", driver="GPKG")
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(
+        app, ["sample", str(store), str(tmp_path / "points.gpkg"), str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert table["name"].tolist() == ["a", "b", "c", "d"] and "geometry" in table.columns
+    assert table["status"].tolist() == ["ok", "nodata", "ok", "outside"]
+    emb = table[["emb_0", "emb_1", "emb_2"]].to_numpy()
+    scale = np.abs(values).max(axis=0) / 127  # written without an offset: plain GeoTessera
+    for i, (r, c) in {0: (0, 0), 2: (3, 3)}.items():
+        np.testing.assert_allclose(emb[i], values[:, r, c], atol=scale[r, c] / 2 + 1e-6)
+    assert np.isnan(emb[[1, 3]]).all()
+    missing = CliRunner().invoke(
+        app, ["sample", str(store), str(tmp_path / "points.gpkg"), str(tmp_path / "o.txt")]
+    )
+    assert missing.exit_code == 2 and "must be .parquet or .csv" in missing.output

@@ -80,7 +80,7 @@ def test_errors_name_file_field_and_fix(tmp_path):
     gdf = gpd.GeoDataFrame(LONG.drop(columns=["x", "y"]), geometry=[Point(0, 0)] * 5)
     gdf.to_file(tmp_path / "nocrs.geojson")
     # GeoJSON is WGS84 by definition: a file written without CRS is read as EPSG:4326 → outside
-    with pytest.raises((InputDataError, CRSMismatchError)):
+    with pytest.raises((InputDataError, CRSMismatchError), match="none of its 3 sites falls"):
         sites_on_grid(SPEC, tmp_path / "nocrs.geojson", GRID, name="releves")
     with pytest.raises(InputDataError, match="does not exist"):
         sites_on_grid(SPEC, tmp_path / "nope.gpkg", GRID, name="releves")

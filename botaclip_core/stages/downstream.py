@@ -159,8 +159,9 @@ def _background(
     cell = store.cell_px
     rng = np.random.default_rng(opts.seed)
     pick = covered[rng.integers(0, len(covered), size=opts.n_background)]
-    rows = pick[:, 0] * cell + rng.integers(0, cell, size=len(pick))
-    cols = pick[:, 1] * cell + rng.integers(0, cell, size=len(pick))
+    # edge cells of a grid that is not a whole number of cells hold fewer pixels
+    rows = pick[:, 0] * cell + rng.integers(0, np.minimum(cell, grid.height - pick[:, 0] * cell))
+    cols = pick[:, 1] * cell + rng.integers(0, np.minimum(cell, grid.width - pick[:, 1] * cell))
     xs, ys = grid.xy(rows, cols)
     return {"rows": rows, "cols": cols, "xy": np.column_stack([xs, ys])}
 

@@ -30,10 +30,14 @@ def _thread_cache() -> dict[str, Any]:
     return cache
 
 
-def _dataset(path: str) -> Any:
-    """Return the calling thread's open handle on a source (GDAL handles are not thread-safe)."""
+def _dataset(path: str, stamp: tuple[int, int]) -> Any:
+    """Return the calling thread's open handle on a source (GDAL handles are not thread-safe).
+
+    ``stamp`` (size, mtime_ns) is part of the key: a file rewritten since (a new orthophoto
+    version under the same name) is opened again, not read through a handle on the old one.
+    """
     cache = _thread_cache()
-    key = "src:" + path
+    key = f"src:{path}|{stamp[0]}|{stamp[1]}"
     ds = cache.get(key)
     if ds is None or ds.closed:
         with rasterio.Env(**_GDAL_ENV):

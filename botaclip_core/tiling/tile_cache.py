@@ -84,7 +84,7 @@ class _TileCache:
         th, tw = src.tile
         row, col = trow * th, tcol * tw
         window = Window(col, row, min(tw, src.width - col), min(th, src.height - row))
-        ds = _dataset(src.path)
+        ds = _dataset(src.path, src.stamp)
         data = ds.read(window=window)
         valid = _source_valid(ds, src, data, window)
         return data, (None if valid.all() else valid)

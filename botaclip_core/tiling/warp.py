@@ -114,7 +114,7 @@ def _warp_window(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Warp the part of a source around grid window (r0, c0, h, w) onto it: (data, valid)."""
     dst_transform = job.grid.transform * Affine.translation(c0, r0)
-    ds = _dataset(src.path)
+    ds = _dataset(src.path, src.stamp)
     window = _source_window(src, job, ds, dst_transform, h, w)
     if window is None:
         return None
