@@ -28,7 +28,7 @@ app = typer.Typer(
     help="BotaCLIP: botany-aware embeddings of orthophotos, as a Prefect pipeline.",
     no_args_is_help=True,
 )
-console = Console()
+console = Console(soft_wrap=True)  # long paths whole when piped to a log
 err_console = Console(stderr=True, soft_wrap=True)
 
 

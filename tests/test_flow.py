@@ -98,6 +98,7 @@ def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
     assert all(r["val_loss"] is not None for r in rows)
     assert all(0.0 <= r["plants:botaclip:auc"] <= 1.0 for r in rows)
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the variants really differ
+    assert json.loads((tmp_path / "reports" / "demo-ablation.json").read_text()) == rows
     table = tmp_path / "reports" / "demo-ablation.csv"
     header = table.read_text().splitlines()[0]
     assert header.startswith("variant,loss,regularizer,mode") and "soil:dofa:spearman" in header

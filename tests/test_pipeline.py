@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import rioxarray  # noqa: F401  (registers .rio)
 import xarray as xr
 import yaml
@@ -20,8 +22,9 @@ import yaml
 from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
 from botaclip_core.errors import CatalogError
-from botaclip_core.pipeline import resolve_stages, run_region
+from botaclip_core.pipeline import plan_region, resolve_stages, run_region
 from botaclip_core.stages.context import PlanContext
+from botaclip_core.store import ArtifactStore, fingerprint_file
 
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
@@ -32,9 +35,25 @@ def run(catalog_path: Path, **kwargs):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The tiny demo, run once: tests may add outputs, and put back any input they edit."""
     root = tmp_path_factory.mktemp("tiny-demo")
     catalog = write_demo_region(root, size="tiny")
     return catalog, run(catalog)
+
+
+@pytest.fixture()
+def restored_inputs(tiny, tmp_path):
+    """The tiny demo's catalog and relevés, put back after the test (bytes and mtime)."""
+    catalog, _ = tiny
+    data = catalog.parent / "demo-data"
+    inputs = [catalog, data / "releves.gpkg"]
+    saved = [shutil.copy2(path, tmp_path / path.name) for path in inputs]
+    before = [fingerprint_file(path) for path in inputs], sorted(os.listdir(data))
+    yield tiny
+    for copy, path in zip(saved, inputs, strict=True):
+        shutil.copy2(copy, path)  # copystat keeps the mtime to the nanosecond
+    # no journal left beside the GeoPackage either
+    assert ([fingerprint_file(path) for path in inputs], sorted(os.listdir(data))) == before
 
 
 def metric_table(report):
@@ -106,6 +125,85 @@ def test_outputs_are_georeferenced(tiny):
         assert np.isfinite(emb["embedding"].values).any()
 
 
+def test_store_coordinates_are_pixel_centres(tiny):
+    catalog, report = tiny
+    cat = load_catalog(catalog)
+    left, bottom, right, top = cat.region("demo").bounds
+    pixel = cat.region("demo").resolution
+    cell = cat.tiling.tile_size * pixel  # one embedding per tile
+    stores = {"image": (Path(report["stages"]["tile"]["output"]) / "image.zarr", pixel)}
+    for name in ("dofa", "botaclip", "botasp"):
+        stores[name] = (Path(report["embeddings"][name]), cell)
+    for name, (store, res) in stores.items():
+        ds = xr.open_zarr(store)
+        nx, ny = round((right - left) / res), round((top - bottom) / res)
+        assert (ds.sizes["x"], ds.sizes["y"]) == (nx, ny), name
+        x = left + (np.arange(nx) + 0.5) * res
+        y = top - (np.arange(ny) + 0.5) * res
+        np.testing.assert_allclose(ds["x"].values, x, rtol=0, atol=1e-6, err_msg=f"{name} x")
+        np.testing.assert_allclose(ds["y"].values, y, rtol=0, atol=1e-6, err_msg=f"{name} y")
+
+
+def tile_only(catalog: Path, name: str) -> tuple[dict, np.ndarray]:
+    """Run only ``tile``: its report entry and the image it wrote."""
+    report = run(catalog, stages=["tile"], report_path=catalog.parent / f"{name}.json")
+    stage = report["stages"]["tile"]
+    return stage, xr.open_zarr(Path(stage["output"]) / "image.zarr")["image"].values
+
+
+def planned_keys(catalog: Path) -> dict[str, str]:
+    return {n: p.key for n, p in plan_region(load_catalog(catalog), "demo").stages.items()}
+
+
+def test_touched_orthophoto_reruns_tile(tmp_path):
+    catalog = write_demo_region(tmp_path, size="tiny")
+    first, pixels = tile_only(catalog, "first")
+    planned = planned_keys(catalog)
+    sheet = sorted((tmp_path / "demo-data" / "ortho").glob("*.tif"))[0]
+    original = fingerprint_file(sheet)
+
+    # Same bytes, a new mtime. The key hashes each orthophoto's fingerprint, mtime included
+    # (store.fingerprint_file), so tile reruns under a new key; the content hash is computed
+    # again (size and mtime no longer match the remembered fingerprint) and is equal.
+    touched_ns = original["mtime_ns"] + 10**9
+    os.utime(sheet, ns=(touched_ns, touched_ns))
+    touched, touched_pixels = tile_only(catalog, "touched")
+    assert touched["status"] == "completed" and touched["key"] != first["key"]
+    remembered = ArtifactStore(tmp_path).load_fingerprints()[original["path"]]
+    assert remembered == {**original, "mtime_ns": touched_ns}
+    np.testing.assert_array_equal(touched_pixels, pixels)
+    # tile's content key hashes the fingerprints too, so every stage after it is re-keyed, the
+    # costly embed-dofa included; only rasterize, which reads no orthophoto, keeps its key
+    replanned = planned_keys(catalog)
+    assert [n for n in ALL_STAGES if replanned[n] == planned[n]] == ["rasterize"]
+    assert tile_only(catalog, "again")[0]["status"] == "cached"
+
+
+def test_changed_orthophoto_reruns_tile_with_its_new_pixels(tmp_path):
+    # one tiling thread, so that whatever the core count the second run reads the sheet in the
+    # thread whose GDAL handle the first run left open: it must not serve the old pixels
+    catalog = write_demo_region(tmp_path, size="tiny", catalog_overrides={"tiling": {"workers": 1}})
+    first, pixels = tile_only(catalog, "first")
+    sheet = sorted((tmp_path / "demo-data" / "ortho").glob("*.tif"))[0]  # first: it wins overlaps
+    original = fingerprint_file(sheet)
+    with rasterio.open(sheet, "r+") as ds:
+        data = ds.read()
+        new = np.where(data > 0, 255 - data, data)  # the nodata collar kept
+        ds.write(new)
+        left, top, res = ds.transform.c, ds.transform.f, ds.transform.a
+    changed, changed_pixels = tile_only(catalog, "changed")
+    assert fingerprint_file(sheet)["blake2b"] != original["blake2b"]
+    assert changed["status"] == "completed" and changed["key"] != first["key"]
+    cat = load_catalog(catalog)
+    grid_left, _, _, grid_top = cat.region("demo").bounds
+    row0, col0 = round((grid_top - top) / res), round((left - grid_left) / res)
+    on_grid = changed_pixels[:, row0 : row0 + new.shape[1], col0 : col0 + new.shape[2]]
+    valid = (new > 0).all(axis=0)
+    assert valid.mean() > 0.5
+    np.testing.assert_array_equal(on_grid[:, valid], new[:, valid])
+    assert not np.array_equal(changed_pixels, pixels)
+
+
 def test_rerun_is_cached_and_identical(tiny):
     catalog, first = tiny
     again = run(catalog)
@@ -135,8 +233,8 @@ def test_pixel_mode_embeds_region_with_tuned_backbone(tiny):
     assert tuned.shape == frozen.shape and not np.allclose(tuned, frozen, equal_nan=True)
 
 
-def test_changes_rerun_only_what_they_affect(tiny):
-    catalog, first = tiny
+def test_changes_rerun_only_what_they_affect(restored_inputs):
+    catalog, first = restored_inputs
     data = yaml.safe_load(catalog.read_text())
     data["downstream"]["C"] = 0.5
     catalog.write_text(yaml.safe_dump(data))
@@ -175,16 +273,26 @@ def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
         "--no-prefect",
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     work = tmp_path
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(work.glob("features/*")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(work.glob("tile/*/_SUCCESS.json")) and not list(
-        work.glob("downstream/*/_SUCCESS.json")
-    )
+    deadline = time.monotonic() + 300
+    try:
+        while not list(work.glob("features/*")):  # tile and rasterize are done: kill it now
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"the run exited with {proc.returncode} before features:\n{log.read_text()}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"no features/ after 300 s:\n{log.read_text()}")
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    assert list(work.glob("tile/*/_SUCCESS.json")), log.read_text()
+    assert not list(work.glob("downstream/*/_SUCCESS.json")), log.read_text()
     report = run(catalog)
     assert report["stages"]["tile"]["status"] == "cached"
     assert report["stages"]["rasterize"]["status"] == "cached"
@@ -195,7 +303,7 @@ def test_killed_run_resumes_without_redoing_completed_stages(tmp_path, tiny):
 
 def test_storage_only_change_reruns_tile_only(tiny):
     catalog, _ = tiny
-    first = run(catalog)  # as the catalog stands after the other tests' edits: all cached
+    first = run(catalog)  # all cached, whichever tests ran before
     overrides = {"tiling": {"zstd_level": 3}}
     report = run_region(
         load_catalog(catalog, overrides),
