@@ -38,7 +38,10 @@ def tiny(tmp_path_factory):
     """The tiny demo, run once: tests may add outputs, and put back any input they edit."""
     root = tmp_path_factory.mktemp("tiny-demo")
     catalog = write_demo_region(root, size="tiny")
-    return catalog, run(catalog)
+    report = run(catalog)
+    # later runs on this workdir rewrite reports/demo.json: keep the first run's as written
+    shutil.copy2(report["report_path"], root / "first-report.json")
+    return catalog, report
 
 
 @pytest.fixture()
@@ -90,7 +93,8 @@ def test_report_follows_schema(tiny):
             and stage["seconds"] >= 0
             and Path(stage["output"]).is_dir()
         )
-    written = json.loads((catalog.parent / "reports" / "demo.json").read_text())
+    assert report["report_path"] == str(catalog.parent / "reports" / "demo.json")
+    written = json.loads((catalog.parent / "first-report.json").read_text())
     assert written["downstream"] == report["downstream"]
     assert set(report["embeddings"]) == {"dofa", "botaclip", "botasp"}
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
