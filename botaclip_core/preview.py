@@ -38,7 +38,8 @@ def write_preview(
     from sklearn.decomposition import PCA
 
     store = EmbeddingStore(store_path)
-    covered = np.argwhere(store.covered(slice(None), slice(None)))
+    coverage = store.covered(slice(None), slice(None))  # one plane: (y, x), small
+    covered = np.argwhere(coverage)
     if not len(covered):
         logger.warning("preview: %s holds no embedding; no preview written", store_path)
         return None
@@ -54,7 +55,7 @@ def write_preview(
     for ys, xs in store.chunks():
         keep_r = rows[(rows >= ys.start) & (rows < ys.stop)]
         keep_c = cols[(cols >= xs.start) & (cols < xs.stop)]
-        if not (len(keep_r) and len(keep_c)) or not store.covered(ys, xs).any():
+        if not (len(keep_r) and len(keep_c)) or not coverage[ys, xs].any():
             continue
         block = store.read(ys, xs)[:, keep_r - ys.start][:, :, keep_c - xs.start]
         flat = block.reshape(store.dim, -1).T

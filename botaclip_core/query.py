@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import geopandas as gpd
 import numpy as np
@@ -100,17 +100,18 @@ def _bilinear(
     cu, cv = u[idx] - 0.5, v[idx] - 0.5
     j0, i0 = np.floor(cu).astype(np.int64), np.floor(cv).astype(np.int64)
     fu, fv = cu - j0, cv - i0
-    total = np.zeros((len(idx), store.dim), dtype=np.float64)
-    weight = np.zeros(len(idx), dtype=np.float64)
-    for di, dj, w in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu),
-                      (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):  # fmt: skip
-        rows, cols = i0 + di, j0 + dj
-        ok = (rows >= 0) & (rows < store.height) & (cols >= 0) & (cols < store.width) & (w > 0)
-        vals = np.full((len(idx), store.dim), np.nan, dtype=np.float32)
-        vals[ok] = read_cells(store, rows[ok], cols[ok])
-        good = ok & ~np.isnan(vals).any(axis=1)
-        total[good] += w[good, None] * vals[good]
-        weight[good] += w[good]
+    corners = ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu),
+               (1, 0, fv * (1 - fu)), (1, 1, fv * fu))  # fmt: skip
+    rows = np.concatenate([i0 + di for di, _, _ in corners])
+    cols = np.concatenate([j0 + dj for _, dj, _ in corners])
+    weights = np.concatenate([w for _, _, w in corners])
+    ok = (rows >= 0) & (rows < store.height) & (cols >= 0) & (cols < store.width) & (weights > 0)
+    vals = np.full((len(rows), store.dim), np.nan, dtype=np.float32)
+    vals[ok] = read_cells(store, rows[ok], cols[ok])  # one read of each chunk for all corners
+    good = ok & ~np.isnan(vals).any(axis=1)
+    w = np.where(good, weights, 0.0).reshape(4, -1)
+    total = (w[..., None] * np.nan_to_num(vals).reshape(4, len(idx), store.dim)).sum(axis=0)
+    weight = w.sum(axis=0)
     has = weight > 0
     out[idx[has]] = (total[has] / weight[has, None]).astype(np.float32)
     return out
@@ -193,6 +194,42 @@ def write_table(frame: gpd.GeoDataFrame, out: str | Path, *, keep_geometry: bool
             table = pd.DataFrame(frame).assign(geometry=frame.geometry.to_wkt())
         table.to_csv(out, index=False)
     return out
+
+
+def sample_file(
+    store_path: str | Path,
+    points: str | Path,
+    out: str | Path,
+    *,
+    crs: str | None = None,
+    x: str = "x",
+    y: str = "y",
+    method: str = "nearest",
+) -> gpd.GeoDataFrame:
+    """Read a points file, sample the map at its points and write the table to ``out``.
+
+    The output keeps the input's geometry when the input had one (GeoPackage, GeoJSON,
+    GeoParquet), and its coordinate columns otherwise (CSV, plain Parquet).
+
+    Raises:
+        InputDataError: as :func:`read_point_table`, :func:`sample_points`, :func:`write_table`.
+    """
+    table = read_point_table(points, crs=crs, x=x, y=y)
+    result = sample_table(store_path, table, method=cast(Method, method))
+    write_table(result, out, keep_geometry=not _coordinate_table(points))
+    return result
+
+
+def _coordinate_table(path: str | Path) -> bool:
+    """Whether a points file holds coordinates in columns (CSV, Parquet without GeoParquet)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return True
+    if path.suffix.lower() != ".parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    return b"geo" not in (pq.read_schema(path).metadata or {})
 
 
 def box_window(

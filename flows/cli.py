@@ -310,33 +310,15 @@ def sample(
     ] = "nearest",
 ) -> None:
     """Embeddings at points: the points' columns plus emb_0..emb_{D-1} and a status column."""
-    from botaclip_core.query import read_point_table, sample_table, write_table
+    from botaclip_core.query import sample_file
 
     try:
-        table = read_point_table(points, crs=crs, x=x, y=y)
-        if method not in ("nearest", "bilinear"):
-            from botaclip_core.errors import InputDataError
-
-            raise InputDataError(f"--method: {method!r} is not nearest or bilinear")
-        result = sample_table(store, table, method=method)  # type: ignore[arg-type]
-        geometry = points.suffix.lower() != ".csv" and not _plain_parquet(points)
-        write_table(result, out, keep_geometry=geometry)
+        result = sample_file(store, points, out, crs=crs, x=x, y=y, method=method)
         counts = result["status"].value_counts().to_dict()
-        console.print(
-            f"wrote {out}: {len(result)} points "
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        )
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        console.print(f"wrote {out}: {len(result)} points, {summary}")
     except BotaclipError as exc:
         _fail(exc)
-
-
-def _plain_parquet(path: Path) -> bool:
-    """A Parquet file without GeoParquet metadata (coordinates in columns)."""
-    if path.suffix.lower() != ".parquet":
-        return False
-    import pyarrow.parquet as pq
-
-    return b"geo" not in (pq.read_schema(path).metadata or {})
 
 
 @app.command()

@@ -60,7 +60,15 @@ def build(settings: EmbedSettings, inputs: StageInputs, out_dir: Path) -> EmbedO
         adapter = load_adapter(Path(trained.model)).adapter
         _apply_adapter(dofa.float32, adapter, maps["botaclip"], attrs, "botaclip", settings.map)
     else:  # the fine-tuned backbone itself embeds the region (resumable block by block)
-        _embed_tuned(settings, inputs, trained, maps["botaclip"], {**attrs, "source": "botaclip"})
+        embed_image(
+            Path(inputs.output("tile", TileOutput).zarr),
+            maps["botaclip"],
+            backbone=settings.backbone,
+            weights=trained.backbone,
+            layout=settings.map,
+            inference=settings.inference,
+            attrs={**attrs, "source": "botaclip"},
+        )
     if trained.botasp:
         from botaclip_core.botasp import load_botasp_adapter
 
@@ -77,35 +85,6 @@ def build(settings: EmbedSettings, inputs: StageInputs, out_dir: Path) -> EmbedO
         botasp=str(maps["botasp"]) if "botasp" in maps else None,
         previews=previews,
     )
-
-
-def _embed_tuned(
-    settings: EmbedSettings,
-    inputs: StageInputs,
-    trained: FinetuneOutput,
-    out: Path,
-    attrs: dict[str, Any],
-) -> None:
-    """The tuned backbone over the image store, in float32, then stored in the map's dtype."""
-    from botaclip_core.embed import transform_embeddings
-    from botaclip_core.embedding_store import EmbeddingStore
-
-    exact = settings.map.dtype == "float32"
-    features = out if exact else out.with_name(out.name.removesuffix(".zarr") + ".float32.zarr")
-    embed_image(
-        Path(inputs.output("tile", TileOutput).zarr),
-        features,
-        backbone=settings.backbone,
-        weights=trained.backbone,
-        layout=settings.map.model_copy(update={"dtype": "float32"}),
-        inference=settings.inference,
-        attrs=attrs,
-    )
-    if not exact:
-        dim = EmbeddingStore(features).dim
-        transform_embeddings(
-            features, out, lambda x: x, out_dim=dim, attrs=attrs, dtype=settings.map.dtype
-        )
 
 
 def _apply_adapter(

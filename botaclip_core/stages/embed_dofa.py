@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from botaclip_core.embedding_store import EmbeddingStore
 from botaclip_core.stages.base import Stage, StageInputs, StageOutput, StageSettings
 from botaclip_core.stages.common import (
     BackboneSettings,
@@ -62,6 +61,11 @@ def inputs(ctx: PlanContext) -> dict[str, Any]:
     return {"weights": ctx.weights_input()}
 
 
+def float32_path(published: Path) -> Path:
+    """Where the float32 features of a float16/int8 map are kept: ``<name>.float32.zarr``."""
+    return published.with_name(published.name.removesuffix(".zarr") + ".float32.zarr")
+
+
 def embed_image(
     image_zarr: Path,
     out: Path,
@@ -71,10 +75,18 @@ def embed_image(
     layout: MapSettings,
     inference: InferenceRuntime,
     attrs: dict[str, Any],
-) -> dict[str, Any]:
-    """Backbone features of every covered window (Dask or in-process, resumable by block)."""
+) -> tuple[dict[str, Any], Path]:
+    """Backbone features of every covered window, then the map ``out`` in ``layout.dtype``.
+
+    The forward pass always writes float32 (Dask or in-process, resumable by block); a
+    float16/int8 map is then converted from it (seconds, rewritten whole on a resumed run),
+    and the float32 map is kept beside it for the adapters.
+
+    Returns:
+        The forward pass's counts, and the float32 map (``out`` itself for float32 maps).
+    """
     from botaclip_core.cluster import compute_client, local_workers
-    from botaclip_core.embed import BackboneSpec, embed_region
+    from botaclip_core.embed import BackboneSpec, embed_region, transform_embeddings
     from botaclip_core.models.dofa import DOFA_SIZES
 
     # torch threads per local worker: the cores shared among them (Dask sets 1 by default)
@@ -91,54 +103,48 @@ def embed_image(
         batch_size=inference.batch_size,
         torch_threads=threads,
     )
+    attrs = {**attrs, "dofa_size": backbone.size}
+    features = out if layout.dtype == "float32" else float32_path(out)
     with compute_client(inference.dask) as client:
-        return embed_region(
+        result = embed_region(
             image_zarr,
-            out,
+            features,
             spec=spec,
             dim=DOFA_SIZES[backbone.size].embed_dim,
             tile_size=backbone.tile_size,
             block_tiles=layout.block_tiles,
             stride=layout.stride,
-            dtype=layout.dtype,
             client=client,
-            attrs={**attrs, "dofa_size": backbone.size},
+            attrs=attrs,
         )
+    if features != out:
+        dim = DOFA_SIZES[backbone.size].embed_dim
+        transform_embeddings(
+            features, out, lambda x: x, out_dim=dim, attrs=attrs, dtype=layout.dtype
+        )
+    return {**result, "zarr": str(out)}, features
 
 
 def build(settings: EmbedDofaSettings, inputs: StageInputs, out_dir: Path) -> EmbedDofaOutput:
-    """Embed the image store with the frozen backbone (float32), publish it, preview it."""
-    from botaclip_core.embed import transform_embeddings
+    """Embed the image store with the frozen backbone, publish it in its dtype, preview it."""
     from botaclip_core.preview import write_preview
 
     weights = weights_path(inputs.files)
-    attrs = {
-        "source": "dofa",
-        "dofa_size": settings.backbone.size,
-        "dofa_weights": weights or "random",
-    }
     published = out_dir / "dofa.zarr"
-    exact = settings.map.dtype == "float32"
-    features = published if exact else out_dir / "dofa.float32.zarr"
-    result = embed_image(
+    result, features = embed_image(
         Path(inputs.output("tile", TileOutput).zarr),
-        features,
+        published,
         backbone=settings.backbone,
         weights=weights,
-        layout=settings.map.model_copy(update={"dtype": "float32"}),
+        layout=settings.map,
         inference=settings.inference,
-        attrs=attrs,
+        attrs={"source": "dofa", "dofa_weights": weights or "random"},
     )
-    if not exact:  # seconds: a pass over the float32 map, rewritten whole on a resumed run
-        dim = EmbeddingStore(features).dim
-        transform_embeddings(
-            features, published, lambda x: x, out_dim=dim, attrs=attrs, dtype=settings.map.dtype
-        )
     preview = write_preview(published, preview_path(published))
     return EmbedDofaOutput(
-        **{**result, "zarr": str(published)},
+        **result,
         preview=str(preview) if preview else None,
-        features=None if exact else str(features),
+        features=None if features == published else str(features),
     )
 
 
