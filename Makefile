@@ -5,8 +5,11 @@ PY     := $(VENV)/bin/python
 # CPU wheel for machines without CUDA; GPU users install their own torch build first
 TORCH_CPU := torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+PORT   ?= 4200
+# apt-get needs root: sudo when we are not
+SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo demo-tiny test test-slow lint bench server clean
+.PHONY: demo demo-tiny test test-slow test-ui lint bench server clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +40,16 @@ test: $(VENV)/.stamp-test
 test-slow: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -m slow
 
+$(VENV)/.stamp-ui: $(VENV)/.stamp-test
+	$(PY) -m pip install -e '.[test,ui]'
+	touch $@
+
+# the Prefect UI in headless Chromium: Debian's chromium package, driven by Playwright
+test-ui: $(VENV)/.stamp-ui
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+	BOTACLIP_CHROMIUM="$$(command -v chromium)" $(PY) -m pytest -q -m ui -p no:randomly
+	@echo "screenshots: build/ui-screenshots/"
+
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -49,7 +62,7 @@ bench: $(VENV)/.stamp-install
 	$(PY) benchmarks/bench_sample.py
 
 server: $(VENV)/.stamp-install
-	$(VENV)/bin/prefect server start
+	$(VENV)/bin/botaclip server --port $(PORT)
 
 clean:
 	rm -rf botaclip-demo botaclip-demo-tiny .pytest_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import re
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from botaclip_core.errors import CatalogError
+from botaclip_core.sdm.models import DEFAULT_MODEL, MODEL_NAMES, ModelName, ModelParams
 
 
 class StrictModel(BaseModel):
@@ -46,10 +49,67 @@ class OrthophotoSpec(StrictModel):
                 )
         for w in self.wavelengths_um:
             if not 0.3 <= w <= 15.0:
+                hint = f"; {w:g} looks like nanometres: write {w / 1000:g}" if w > 250 else ""
                 raise ValueError(
-                    f"wavelength {w} is not in µm (expected 0.3–15, e.g. 0.665 for red)"
+                    f"wavelengths_um: wavelength {w} is not in µm (expected 0.3–15, e.g. 0.665 "
+                    f"for red){hint}"
                 )
         return self
+
+
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly")
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
+
+
+class ScheduleSpec(StrictModel):
+    """When a region's pipeline deployment runs (``botaclip deploy``): a cron line and its zone."""
+
+    cron: str = Field(
+        description="Five-field cron line (minute hour day month weekday), e.g. '0 3 1 * *' for "
+        "03:00 on the first of every month, or a macro such as '@monthly'."
+    )
+    timezone: str = Field("UTC", description="IANA zone of the cron line, e.g. 'Europe/Paris'.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        fields = cron.split()
+        if cron.strip() in _CRON_MACROS:
+            return cron.strip()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError(
+                f"cron {cron!r} is not a five-field cron line (minute hour day month weekday); "
+                "e.g. '0 3 1 * *' runs at 03:00 on the first of every month"
+            )
+        return " ".join(fields)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, timezone: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"timezone {timezone!r} is not an IANA time zone (e.g. 'Europe/Paris', 'UTC')"
+            ) from None
+        return timezone
+
+
+def _known_crs(value: str | None) -> str | None:
+    """A CRS string that PROJ understands (checked while the catalog is read, not mid-run)."""
+    if value is None:
+        return value
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(value)
+    except CRSError:
+        raise ValueError(
+            f"{value!r} is not a CRS PROJ knows; use an authority code such as 'EPSG:2154' "
+            "(Lambert-93) or 'EPSG:4326' (lon/lat), or a WKT string"
+        ) from None
+    return value
 
 
 class RegionSpec(StrictModel):
@@ -64,6 +124,11 @@ class RegionSpec(StrictModel):
     releves: str | None = None
     targets: list[str] = Field(default_factory=list)
 
+    _crs_known = field_validator("crs")(_known_crs)
+    schedule: ScheduleSpec | None = Field(
+        None, description="When `botaclip deploy` runs the region's pipeline; null = on demand."
+    )
+
 
 class DatasetSpec(StrictModel):
     """A vector dataset of sites (relevés, surveys, occurrences, abundances)."""
@@ -77,6 +142,8 @@ class DatasetSpec(StrictModel):
     species: str = "species"
     value: str | None = None
     layer: str | None = None
+
+    _crs_known = field_validator("crs")(_known_crs)
 
 
 class DofaSpec(StrictModel):
@@ -174,7 +241,19 @@ class FinetuneSettings(StrictModel):
 class EmbedSettings(StrictModel):
     """Wall-to-wall embedding inference and how the maps are stored."""
 
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="Tiles per forward; default 8 on the CPU, 256 (DOFA-Base) on CUDA."
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when present), cpu, cuda or cuda:N; how, not what: not in keys.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA, fp32 on the CPU. Part of the maps' keys; set it "
+        "(with device: cuda) when planning on a CPU machine for a GPU Dask cluster.",
+    )
     block_tiles: int = Field(4, ge=1, description="Cells per Dask block side (and Zarr chunk).")
     dtype: Literal["float32", "float16", "int8"] = Field(
         "float32",
@@ -189,8 +268,8 @@ class EmbedSettings(StrictModel):
     )
 
 
-FeatureSource = Literal["dofa", "botaclip", "botasp"]
-FEATURE_SOURCES: tuple[FeatureSource, ...] = ("dofa", "botaclip", "botasp")
+FeatureSource = Literal["dofa", "botaclip", "botasp", "spectral"]
+FEATURE_SOURCES: tuple[FeatureSource, ...] = ("dofa", "botaclip", "botasp", "spectral")
 
 
 class DownstreamSettings(StrictModel):
@@ -198,16 +277,51 @@ class DownstreamSettings(StrictModel):
 
     folds: int = Field(5, ge=2)
     block_size_m: float | None = Field(
-        None, gt=0, description="Spatial CV block; default: 1/5 of the region"
+        None,
+        gt=0,
+        description="Spatial CV block side (m); default: the median autocorrelation range of "
+        "variograms of the sites' leading predictor components, at least one embedding cell.",
     )
     n_background: int = Field(1000, ge=10)
     min_presences: int = Field(5, ge=2)
-    C: float = Field(0.1, gt=0, description="Inverse L2 strength of the logistic models.")
-    alpha: float = Field(10.0, gt=0, description="Ridge strength of the abundance models.")
+    models: list[ModelName] = Field(
+        default_factory=lambda: list(MODEL_NAMES),
+        min_length=1,
+        description="Species models compared side by side: glm (L2 logistic; ridge on "
+        "log(1 + abundance)), rf (down-sampled random forest), brt (boosted trees), maxent "
+        "(elapid), ensemble (rank-rescaled mean of model_params.ensemble_members).",
+    )
+    model_params: ModelParams = Field(
+        default_factory=ModelParams,
+        description="The models' hyper-parameters (the demo's catalog grows fewer trees).",
+    )
+    jobs: int | None = Field(
+        None,
+        ge=1,
+        description="Species fitted at once (threads); default: the cores, at most 4.",
+        json_schema_extra={"runtime": True},
+    )
+    bootstrap: int = Field(
+        1000, ge=0, description="Bootstrap resamples of the 95% intervals; 0: no intervals."
+    )
+    random_cv_models: list[ModelName] = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
+        description="Models also scored by random (not spatial) cross-validation, beside the "
+        "spatial scores: how much site-level CV flatters them.",
+    )
+    maps: list[str] | None = Field(
+        None,
+        description="Species (or targets) mapped per task; default: the five most prevalent.",
+    )
+    map_features: Literal["dofa", "botaclip", "botasp", "spectral"] | None = Field(
+        None, description="Feature source of the prediction maps; default botaclip, else dofa."
+    )
+    map_model: ModelName = Field(DEFAULT_MODEL, description="Model of the prediction maps.")
     pca_components: int | None = Field(32, ge=1)
     feature_sources: list[FeatureSource] = Field(
         default_factory=lambda: list(FEATURE_SOURCES),
-        description="Embeddings compared downstream: frozen DOFA, BotaCLIP, the supervised BotaSP baseline.",
+        description="Features compared downstream: frozen DOFA, BotaCLIP, the supervised BotaSP "
+        "baseline, and a spectral baseline (band means, SDs and NDVI per cell).",
     )
     seed: int = 0
 
@@ -239,7 +353,7 @@ class Catalog(StrictModel):
     @classmethod
     def _names(cls, regions: dict[str, RegionSpec]) -> dict[str, RegionSpec]:
         for name in regions:
-            if not name.replace("_", "").replace("-", "").isalnum():
+            if not name or not all(ch.isalnum() or ch in "-_" for ch in name):
                 raise ValueError(f"region name {name!r}: use letters, digits, '-' and '_' only")
         return regions
 
@@ -406,7 +520,10 @@ def load_catalog(path: str | Path, overrides: dict[str, Any] | None = None) -> C
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+        raise CatalogError(
+            f"{path}: not valid YAML ({exc}). Fix the syntax there: indent with spaces, close "
+            "brackets and quotes, quote values that hold ': ' or ' #'."
+        ) from None
     if overrides:
         data = merge_overrides(data if isinstance(data, dict) else {}, overrides)
     return parse_catalog(data, base_dir=path.parent, source=str(path))

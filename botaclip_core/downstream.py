@@ -1,42 +1,63 @@
-"""Species models on embeddings with spatially blocked cross-validation.
+"""Species models on embeddings, scored by spatially blocked (or random) cross-validation.
 
-The ``evaluate_*`` functions take features already projected with :func:`fit_projector`.
+Each ``evaluate_*`` function fits every model of ``settings.models`` (see
+:mod:`botaclip_core.sdm.models`) per species on the training folds and scores the held-out
+folds with the field's metrics (:mod:`botaclip_core.sdm.metrics`); thresholds (TSS, kappa) are
+chosen on the training folds only. Scores carry 95% percentile bootstrap intervals
+(:mod:`botaclip_core.sdm.bootstrap`): over sites for each species, over species for a task's
+mean. Features come already projected with :func:`fit_projector`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from botaclip_core.catalog import DownstreamSettings
-from botaclip_core.errors import StageError
+from botaclip_core.sdm.blocks import balanced_folds
+from botaclip_core.sdm.bootstrap import mean_interval, site_intervals
+from botaclip_core.sdm.metrics import (
+    abundance_metrics,
+    max_tss_threshold,
+    point_biserial,
+    presence_only_metrics,
+)
+from botaclip_core.sdm.models import Kind, fit_models, models_for, predict_models
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = {
-    "presence_absence": "logistic_regression",
-    "presence_only": "logistic_regression_vs_background",
-    "abundance": "ridge_log1p",
-}
 PRIMARY_METRIC = {"presence_absence": "auc", "presence_only": "auc", "abundance": "spearman"}
+T = TypeVar("T")
+Validation = Literal["spatial", "random"]
+Interval = tuple[float, float]
 
 
 @dataclass
 class TargetScores:
-    """Out-of-fold scores of one dataset for one feature source."""
+    """Held-out scores of one dataset, one feature source and one model.
+
+    Attributes:
+        metrics: mean over targets (species) of each metric.
+        per_target: each target's metrics.
+        n_targets: targets scored.
+        intervals: percentile bootstrap interval of each mean, resampling targets.
+        per_target_intervals: each target's intervals, resampling its sites.
+    """
 
     metrics: dict[str, float]
     per_target: dict[str, dict[str, float]] = field(default_factory=dict)
     n_targets: int = 0
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    per_target_intervals: dict[str, dict[str, Interval]] = field(default_factory=dict)
 
 
 def spatial_blocks(xy: np.ndarray, block_size: float) -> np.ndarray:
@@ -46,18 +67,36 @@ def spatial_blocks(xy: np.ndarray, block_size: float) -> np.ndarray:
     return ids.reshape(-1)
 
 
-def _folds(groups: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise StageError(
-            "all sites fall in one spatial block; lower downstream.block_size_m so that "
-            "cross-validation can hold out space"
-        )
-    return list(GroupKFold(n_splits=min(n_folds, n_groups)).split(groups, groups=groups))
+def make_folds(
+    validation: Validation,
+    xy: np.ndarray,
+    y: np.ndarray | None,
+    settings: DownstreamSettings,
+    block_size: float,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cross-validation folds: whole spatial blocks balanced in presences, or random sites.
+
+    Args:
+        validation: ``spatial`` (square blocks of ``block_size``, assigned to folds so that
+            each holds about as many presences; as many sites when ``y`` is None) or ``random``.
+        xy: site coordinates.
+        y: observations (presences where > 0), or None.
+        settings: folds and seed.
+        block_size: block side, in the coordinates' unit.
+
+    Raises:
+        StageError: all sites fall in one block (the message names ``downstream.block_size_m``).
+    """
+    if validation == "random":
+        from sklearn.model_selection import KFold
+
+        splitter = KFold(n_splits=settings.folds, shuffle=True, random_state=settings.seed)
+        return list(splitter.split(xy))
+    return balanced_folds(spatial_blocks(xy, block_size), y, settings.folds, seed=settings.seed)
 
 
 def fit_projector(landscape: np.ndarray, settings: DownstreamSettings) -> Pipeline:
-    """Standardisation + whitened PCA fitted on a random sample of the landscape's embeddings.
+    """Standardisation + PCA (not whitened) fitted on a random sample of the landscape.
 
     Fitting on background points rather than on sites keeps labels and held-out sites out of
     the basis, and lets every species and fold share one projection.
@@ -71,42 +110,117 @@ def fit_projector(landscape: np.ndarray, settings: DownstreamSettings) -> Pipeli
     return make_pipeline(*steps).fit(landscape)
 
 
-def true_skill_statistic(y: np.ndarray, score: np.ndarray) -> float:
-    """Maximum over thresholds of sensitivity + specificity − 1."""
-    fpr, tpr, _ = roc_curve(y, score)
-    return float(np.max(tpr - fpr))
+def _jobs(settings: DownstreamSettings) -> int:
+    return settings.jobs or min(os.cpu_count() or 1, 4)
 
 
-def boyce_index(
-    presence_scores: np.ndarray, background_scores: np.ndarray, n_bins: int = 10
-) -> float:
-    """Continuous Boyce index: Spearman ρ of predicted/expected ratio across suitability bins."""
-    lo, hi = float(np.min(background_scores)), float(np.max(background_scores))
-    if hi <= lo:
-        return float("nan")
-    edges = np.linspace(lo, hi, n_bins + 1)
-    p = np.histogram(np.clip(presence_scores, lo, hi), edges)[0] / len(presence_scores)
-    e = np.histogram(background_scores, edges)[0] / len(background_scores)
-    keep = e > 0
-    if keep.sum() < 3:
-        return float("nan")
-    return float(spearmanr(np.arange(n_bins)[keep], p[keep] / e[keep]).statistic)
+def _map(fn: Callable[[int], T], n: int, settings: DownstreamSettings) -> list[T]:
+    """``fn`` over species ``0..n-1``, in threads; one BLAS/OpenMP thread each.
+
+    The fits release the GIL (trees, liblinear, OpenMP boosting); nested thread pools on a
+    few busy cores made them many times slower.
+    """
+    from sklearn.utils.parallel import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        if _jobs(settings) == 1 or n < 2:
+            return [fn(j) for j in range(n)]
+        return list(
+            Parallel(n_jobs=_jobs(settings), backend="threading")(delayed(fn)(j) for j in range(n))
+        )
 
 
-def _classify_oof(
-    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, settings: DownstreamSettings
-) -> np.ndarray:
-    """Out-of-fold presence probabilities for every column of ``Y`` (NaN where not scorable)."""
-    oof = np.full(Y.shape, np.nan)
-    for train, test in _folds(groups, settings.folds):
-        Xtr, Xte = X[train], X[test]
-        for j in range(Y.shape[1]):
-            y = Y[train, j]
-            if y.min() == y.max():
-                continue
-            clf = LogisticRegression(C=settings.C, class_weight="balanced", max_iter=2000)
-            oof[test, j] = clf.fit(Xtr, y).predict_proba(Xte)[:, 1]
-    return oof
+@dataclass
+class _OutOfFold:
+    """Held-out scores of every model for one species, and the training-threshold calls."""
+
+    scores: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+
+
+def _out_of_fold(
+    kind: Kind,
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    settings: DownstreamSettings,
+    models: Sequence[str],
+) -> _OutOfFold:
+    """Every model fitted on each training fold and scored on its held-out fold.
+
+    A fold whose training part has one class only leaves its held-out scores NaN.
+    """
+    names = models_for(kind, models)  # type: ignore[arg-type]
+    scores: dict[str, np.ndarray] = {m: np.full(len(y), np.nan) for m in names}
+    present: dict[str, np.ndarray] = {m: np.zeros(len(y), dtype=bool) for m in names}
+    params = settings.model_params
+    for train, test in folds:
+        y_train = y[train]
+        if kind != "abundance" and y_train.min() == y_train.max():
+            continue
+        fitted_models = fit_models(names, kind, X[train], y_train, params, seed=settings.seed)
+        held_out = predict_models(fitted_models, X[test])
+        fitted = predict_models(fitted_models, X[train]) if kind == "presence_absence" else {}
+        for m in names:
+            scores[m][test] = held_out[m]
+            if m in fitted:
+                present[m][test] = held_out[m] >= max_tss_threshold(y_train, fitted[m])
+    return _OutOfFold(scores, present)
+
+
+def _pa_metrics(y: np.ndarray, oof: np.ndarray, present: np.ndarray) -> dict[str, float] | None:
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    ok = ~np.isnan(oof)
+    y, oof, present = y[ok], oof[ok], present[ok]
+    if len(np.unique(y)) < 2:
+        return None
+    sensitivity, specificity = present[y == 1].mean(), (~present[y == 0]).mean()
+    return {
+        "auc": float(roc_auc_score(y, oof)),
+        "tss": float(sensitivity + specificity - 1.0),
+        "kappa": float(cohen_kappa_score(y, present.astype(int))),
+        "cor": point_biserial(y, oof),
+    }
+
+
+class _Collector:
+    """Per-model, per-target metrics and their site-bootstrap intervals."""
+
+    def __init__(self, kind: Kind, settings: DownstreamSettings) -> None:
+        self.kind, self.settings = kind, settings
+        self.per: dict[str, dict[str, dict[str, float]]] = {}
+        self.ci: dict[str, dict[str, dict[str, Interval]]] = {}
+
+    def add(
+        self,
+        model: str,
+        target: str,
+        metrics: dict[str, float],
+        y: np.ndarray,
+        scores: np.ndarray,
+        calls: np.ndarray | None = None,
+    ) -> None:
+        self.per.setdefault(model, {})[target] = metrics
+        if self.settings.bootstrap:
+            ok = ~np.isnan(scores)
+            self.ci.setdefault(model, {})[target] = site_intervals(
+                self.kind,
+                y[ok],
+                scores[ok],
+                calls=None if calls is None else calls[ok],
+                n_resamples=self.settings.bootstrap,
+                seed=self.settings.seed,
+            )
+
+    def scores(self, models: Sequence[str]) -> dict[str, TargetScores]:
+        out = {}
+        for m in models:
+            summary = _summarise(self.per.get(m, {}), self.settings)
+            summary.per_target_intervals = self.ci.get(m, {})
+            out[m] = summary
+        return out
 
 
 def evaluate_presence_absence(
@@ -117,22 +231,36 @@ def evaluate_presence_absence(
     settings: DownstreamSettings,
     *,
     block_size: float,
-) -> TargetScores:
-    """Per-species logistic models; AUC and TSS on spatially held-out sites."""
+    validation: Validation = "spatial",
+    models: Sequence[str] | None = None,
+) -> dict[str, TargetScores]:
+    """Per-species models on presence/absence sites; AUC, TSS, kappa and COR held out.
+
+    TSS and kappa use, in each fold, the max-TSS threshold of the model's fit to its training
+    sites. Species with fewer than ``min_presences`` presences or absences are skipped.
+
+    Returns:
+        Scores by model name (``models``, default ``settings.models``).
+    """
+    names_models = list(models or settings.models)
     Y = (Y > 0).astype(int)
     keep = (Y.sum(0) >= settings.min_presences) & ((1 - Y).sum(0) >= settings.min_presences)
-    Yk = Y[:, keep]
-    oof = _classify_oof(X, Yk, spatial_blocks(xy, block_size), settings)
-    per: dict[str, dict[str, float]] = {}
-    for j, name in enumerate(np.asarray(species)[keep]):
-        ok = ~np.isnan(oof[:, j])
-        if len(np.unique(Yk[ok, j])) < 2:
-            continue
-        per[str(name)] = {
-            "auc": float(roc_auc_score(Yk[ok, j], oof[ok, j])),
-            "tss": true_skill_statistic(Yk[ok, j], oof[ok, j]),
-        }
-    return _summarise(per)
+    _warn_skipped(species, keep, settings)
+    Yk, names = Y[:, keep], [str(s) for s in np.asarray(species)[keep]]
+
+    def one(j: int) -> _OutOfFold:
+        folds = make_folds(validation, xy, Yk[:, j], settings, block_size)
+        return _out_of_fold("presence_absence", X, Yk[:, j], folds, settings, names_models)
+
+    results = _map(one, len(names), settings)
+    collect = _Collector("presence_absence", settings)
+    for j, (name, result) in enumerate(zip(names, results, strict=True)):
+        for model, oof in result.scores.items():
+            metrics = _pa_metrics(Yk[:, j], oof, result.present[model])
+            if metrics is not None:
+                calls = result.present[model].astype(float)
+                collect.add(model, name, metrics, Yk[:, j], oof, calls)
+    return collect.scores(models_for("presence_absence", names_models))  # type: ignore[arg-type]
 
 
 def evaluate_presence_only(
@@ -145,53 +273,99 @@ def evaluate_presence_only(
     settings: DownstreamSettings,
     *,
     block_size: float,
-) -> TargetScores:
-    """Presence records against background points; AUC and Boyce index on held-out blocks."""
-    per: dict[str, dict[str, float]] = {}
-    for j, name in enumerate(species):
-        pres = Y[:, j] > 0
-        if pres.sum() < settings.min_presences:
-            continue
+    validation: Validation = "spatial",
+    models: Sequence[str] | None = None,
+) -> dict[str, TargetScores]:
+    """Presence records against background points; AUC and continuous Boyce index held out.
+
+    Returns:
+        Scores by model name (``models``, default ``settings.models``).
+    """
+    names_models = list(models or settings.models)
+    keep = (Y > 0).sum(0) >= settings.min_presences
+    _warn_skipped(species, keep, settings)
+    columns = list(np.flatnonzero(keep))
+    names = [str(species[j]) for j in columns]
+
+    def one(k: int) -> tuple[np.ndarray, _OutOfFold]:
+        pres = Y[:, columns[k]] > 0
         Xs = np.vstack([X[pres], background_X])
         ys = np.r_[np.ones(pres.sum(), dtype=int), np.zeros(len(background_X), dtype=int)]
-        groups = spatial_blocks(np.vstack([xy[pres], background_xy]), block_size)
-        oof = _classify_oof(Xs, ys[:, None], groups, settings)[:, 0]
-        ok = ~np.isnan(oof)
-        if len(np.unique(ys[ok])) < 2:
-            continue
-        per[name] = {
-            "auc": float(roc_auc_score(ys[ok], oof[ok])),
-            "boyce": boyce_index(oof[ok & (ys == 1)], oof[ok & (ys == 0)]),
-        }
-    return _summarise(per)
+        folds = make_folds(
+            validation, np.vstack([xy[pres], background_xy]), ys, settings, block_size
+        )
+        return ys, _out_of_fold("presence_only", Xs, ys, folds, settings, names_models)
+
+    results = _map(one, len(names), settings)
+    collect = _Collector("presence_only", settings)
+    for name, (ys, result) in zip(names, results, strict=True):
+        for model, oof in result.scores.items():
+            ok = ~np.isnan(oof)
+            if len(np.unique(ys[ok])) < 2:
+                continue
+            metrics = presence_only_metrics(oof[ok & (ys == 1)], oof[ok & (ys == 0)])
+            collect.add(model, name, metrics, ys, oof)
+    return collect.scores(models_for("presence_only", names_models))  # type: ignore[arg-type]
 
 
 def evaluate_abundance(
     X: np.ndarray,
     Y: np.ndarray,
     xy: np.ndarray,
-    groups_names: list[str],
+    targets: list[str],
     settings: DownstreamSettings,
     *,
     block_size: float,
-) -> TargetScores:
-    """Ridge regression of log(1 + abundance); Spearman ρ on spatially held-out sites."""
-    target = np.log1p(Y)
-    oof = np.full(Y.shape, np.nan)
-    for train, test in _folds(spatial_blocks(xy, block_size), settings.folds):
-        model = Ridge(alpha=settings.alpha).fit(X[train], target[train])
-        oof[test] = model.predict(X[test]).reshape(len(test), -1)
-    per = {}
-    for j, name in enumerate(groups_names):
-        if np.ptp(target[:, j]) == 0:
-            continue
-        per[name] = {"spearman": float(spearmanr(target[:, j], oof[:, j]).statistic)}
-    return _summarise(per)
+    validation: Validation = "spatial",
+    models: Sequence[str] | None = None,
+) -> dict[str, TargetScores]:
+    """Abundance models per target; Spearman ρ, R² and deviance explained held out.
+
+    Returns:
+        Scores by model name (``models``, default ``settings.models``; MaxEnt models no
+        abundance).
+    """
+    names_models = list(models or settings.models)
+    folds = make_folds(validation, xy, None, settings, block_size)
+    varying = [j for j in range(Y.shape[1]) if np.ptp(Y[:, j]) > 0]
+    results = _map(
+        lambda k: _out_of_fold("abundance", X, Y[:, varying[k]], folds, settings, names_models),
+        len(varying),
+        settings,
+    )
+    collect = _Collector("abundance", settings)
+    for j, result in zip(varying, results, strict=True):
+        for model, oof in result.scores.items():
+            collect.add(model, targets[j], abundance_metrics(Y[:, j], oof), Y[:, j], oof)
+    return collect.scores(models_for("abundance", names_models))  # type: ignore[arg-type]
 
 
-def _summarise(per: dict[str, dict[str, float]]) -> TargetScores:
+def _warn_skipped(species: Sequence[str], keep: np.ndarray, settings: DownstreamSettings) -> None:
+    skipped = [str(s) for s, k in zip(species, keep, strict=True) if not k]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        logger.warning(
+            "%d of %d species have fewer than downstream.min_presences = %d presences (or "
+            "absences) and are not modelled: %s",
+            len(skipped),
+            len(species),
+            settings.min_presences,
+            shown,
+        )
+
+
+def _summarise(per: dict[str, dict[str, float]], settings: DownstreamSettings) -> TargetScores:
     if not per:
         return TargetScores(metrics={}, per_target={}, n_targets=0)
-    names = next(iter(per.values())).keys()
-    metrics = {m: float(np.nanmean([v[m] for v in per.values()])) for m in names}
-    return TargetScores(metrics=metrics, per_target=per, n_targets=len(per))
+    names: dict[str, Any] = dict.fromkeys(k for v in per.values() for k in v)
+    metrics, intervals = {}, {}
+    for m in names:
+        values = np.array([v.get(m, np.nan) for v in per.values()], dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a metric NaN for every target
+            metrics[m] = float(np.nanmean(values))
+        if settings.bootstrap:
+            intervals[m] = mean_interval(
+                values.tolist(), n_resamples=settings.bootstrap, seed=settings.seed
+            )
+    return TargetScores(metrics=metrics, per_target=per, n_targets=len(per), intervals=intervals)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from botaclip_core import progress
@@ -27,7 +27,6 @@ from botaclip_core.embedding_store import (
     create_embedding_store,
 )
 from botaclip_core.errors import InputDataError
-from botaclip_core.georef import read_grid
 from botaclip_core.grid import RegionGrid
 
 logger = logging.getLogger(__name__)
@@ -41,12 +40,16 @@ __all__ = [
     "transform_embeddings",
 ]
 
-WAVE = 2000  # blocks per Dask wave: keeps the scheduler's graph small
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything a Dask worker needs to rebuild the frozen backbone and its input scaling."""
+    """Everything a Dask worker needs to rebuild the frozen backbone and its input scaling.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is resolved where the blocks run;
+    ``precision`` (``fp32``, ``bf16``) was resolved when the stage was planned (it is part of
+    the map); ``batch_size`` None is the device's default (8 on the CPU, 256 for DOFA-Base on
+    CUDA).
+    """
 
     size: str
     weights: str | None
@@ -54,8 +57,19 @@ class BackboneSpec:
     wavelengths_um: tuple[float, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    batch_size: int = 8
+    batch_size: int | None = 8
     torch_threads: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    loader_threads: int | None = None
+    writer_threads: int | None = None
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Whether the blocks need a CUDA device (and Dask tasks ask for ``{"GPU": 1}``)."""
+        return self.device.startswith("cuda") or (
+            self.device == "auto" and self.precision == "bf16"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,18 +117,65 @@ def embedding_grid(image_grid: RegionGrid, stride: int) -> RegionGrid:
 
 def covered_embedding_blocks(image_zarr: Path, windows: Windows) -> list[tuple[int, int]]:
     """Blocks of cells whose windows overlap image chunks that hold source pixels."""
-    from botaclip_core.tiling import covered_blocks
+    stored: Callable[[Path], list[tuple[int, int]]] = stored_valid_chunks
+    try:
+        from botaclip_core.tiling import covered_blocks as stored
+    except ImportError:  # a machine without GDAL (a GPU box): tiling needs rasterio, this not
+        pass
 
-    chunks = np.array(sorted(covered_blocks(image_zarr)), dtype=np.int64).reshape(-1, 2)
+    chunks = np.array(sorted(stored(image_zarr)), dtype=np.int64).reshape(-1, 2)
     if not len(chunks):
         return []
     t = windows.tile_size  # the image store's chunk side
     found: set[tuple[int, int]] = set()
+    height, width = zarr.open_array(str(Path(image_zarr) / "valid"), mode="r").shape
     r0, r1 = windows.cells_over(chunks[:, 0] * t, (chunks[:, 0] + 1) * t)
     c0, c1 = windows.cells_over(chunks[:, 1] * t, (chunks[:, 1] + 1) * t)
+    # a window that overlaps the image's last pixels can belong to a cell past the map's edge
+    r1 = np.minimum(r1, -(-height // windows.stride) - 1)
+    c1 = np.minimum(c1, -(-width // windows.stride) - 1)
     b = windows.block
     for a0, a1, e0, e1 in zip(r0 // b, r1 // b, c0 // b, c1 // b, strict=True):
         found.update((by, bx) for by in range(a0, a1 + 1) for bx in range(e0, e1 + 1))
+    return sorted(found)
+
+
+def stored_valid_chunks(image_zarr: Path) -> list[tuple[int, int]]:
+    """(row, col) of the stored chunks of an image store's ``valid`` array, with numpy alone.
+
+    The same answer as :func:`botaclip_core.tiling.covered_blocks` (chunk files, and the shard
+    indexes of sharded stores), for machines where the tiling package (rasterio) is missing.
+    """
+    import json
+
+    valid = Path(image_zarr) / "valid"
+    meta = json.loads((valid / "zarr.json").read_text())
+    codecs = meta["codecs"]
+    shard: tuple[int, int] | None = None
+    at_end = True
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        conf = codecs[0]["configuration"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        shard = (outer[0] // conf["chunk_shape"][0], outer[1] // conf["chunk_shape"][1])
+        at_end = conf.get("index_location", "end") == "end"
+    found: list[tuple[int, int]] = []
+    root = valid / "c"
+    if not root.is_dir():
+        return found
+    for row in os.scandir(root):
+        for col in os.scandir(row.path) if row.name.isdigit() and row.is_dir() else ():
+            if not col.name.isdigit():
+                continue
+            r, c = int(row.name), int(col.name)
+            if shard is None:
+                found.append((r, c))
+                continue
+            size = shard[0] * shard[1] * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
+            with open(col.path, "rb") as f:
+                f.seek(-size if at_end else 0, os.SEEK_END if at_end else os.SEEK_SET)
+                index = np.frombuffer(f.read(size - 4), dtype="<u8").reshape(*shard, 2)
+            stored = np.argwhere(index[..., 1] != np.iinfo(np.uint64).max)
+            found.extend((r * shard[0] + int(i), c * shard[1] + int(j)) for i, j in stored)
     return sorted(found)
 
 
@@ -163,40 +224,189 @@ def embed_block(
     windows: Windows,
     spec: BackboneSpec,
 ) -> int:
-    """Embed one block of cells and write it; returns the number of windows embedded.
+    """Embed one block of cells and write it; returns the number of windows embedded."""
+    return embed_blocks(image_zarr, out, [(by, bx)], windows, spec)
 
-    Runs on Dask workers: opens the stores itself and reuses the worker's cached backbone.
+
+@dataclass
+class _Block:
+    """A block's place on the map, which of its cells hold data, and their features so far."""
+
+    by: int
+    bx: int
+    y0: int
+    x0: int
+    h: int
+    w: int
+    covered: np.ndarray
+    feats: np.ndarray
+    remaining: int
+
+
+def _worker_device(requested: str) -> Any:
+    """The torch device of this process: a Dask worker named ``i`` on a multi-GPU box takes GPU i.
+
+    Workers of dask-cuda's ``LocalCUDACluster`` see one GPU each (``CUDA_VISIBLE_DEVICES``), so
+    ``cuda`` is theirs; workers of a plain LocalCluster on a box of n GPUs share the box, and take
+    ``cuda:(name mod n)``.
     """
     import torch
 
-    from botaclip_core.features import encode_tiles, load_backbone
+    from botaclip_core.training.runtime import resolve_device
 
-    if spec.torch_threads:  # Dask sets OMP_NUM_THREADS=1 in workers; the model wants the cores
+    device = resolve_device(requested, field="embed.device")
+    if device.type != "cuda" or device.index is not None or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    if isinstance(name, int):
+        return torch.device("cuda", name % torch.cuda.device_count())
+    return device
+
+
+def embed_blocks(
+    image_zarr: str,
+    out: str,
+    blocks: Sequence[tuple[int, int]],
+    windows: Windows,
+    spec: BackboneSpec,
+    on_block: Callable[[int], None] | None = None,
+) -> int:
+    """Embed blocks of cells and write them, the device kept busy; returns windows embedded.
+
+    Loader threads read, decode and cut the windows of the blocks ahead (a bounded queue); a
+    batcher packs their windows into full batches in reusable (pinned, on CUDA) buffers; this
+    thread copies each batch to the device without blocking, normalises it there and runs the
+    forward (bf16 autocast for ``bf16``), fetching the batch before's features meanwhile; writer
+    threads store each finished block and then its completion record. Runs on Dask workers too:
+    it opens the stores itself and reuses the process's backbone on its device.
+    """
+    import torch
+
+    from botaclip_core.features import default_batch_size, load_backbone, precision_context
+    from botaclip_core.feeding import Batch, Batcher, Writer, prefetch
+
+    device = _worker_device(spec.device)
+    cuda = device.type == "cuda"
+    if spec.torch_threads and not cuda:  # Dask sets OMP_NUM_THREADS=1 in workers
         torch.set_num_threads(spec.torch_threads)
+    autocast = precision_context(device, spec.precision)
+    batch_size = spec.batch_size or default_batch_size(device, spec.size)
     image = zarr.open_array(os.path.join(image_zarr, "image"), mode="r")
     valid = zarr.open_array(os.path.join(image_zarr, "valid"), mode="r")
     store = EmbeddingStore(out, mode="r+")
-    cy0, cx0 = by * windows.block, bx * windows.block
-    cy1, cx1 = min(cy0 + windows.block, store.height), min(cx0 + windows.block, store.width)
-    pixels, mask = _read_window(
-        image, valid, windows.pixel_rows(cy0, cy1), windows.pixel_rows(cx0, cx1)
-    )
-    tiles, covered = block_windows(pixels, mask, windows, (cy1 - cy0, cx1 - cx0))
-    block = np.full((store.dim, len(covered)), np.nan, dtype=np.float32)
-    if covered.any():
-        model = load_backbone(spec.size, spec.weights, spec.seed)
-        feats = encode_tiles(
-            model,
-            tiles[covered],
-            spec.wavelengths_um,
-            np.asarray(spec.mean, dtype=np.float32),
-            np.asarray(spec.std, dtype=np.float32),
-            batch_size=spec.batch_size,
+    check_precision(store, spec.precision)
+    model = load_backbone(spec.size, spec.weights, spec.seed, device)
+    waves = torch.tensor(spec.wavelengths_um, dtype=torch.float32, device=device)
+    bands, t = int(image.shape[0]), windows.tile_size
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, bands, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, bands, 1, 1)
+    rows_dtype = np.dtype(image.dtype)
+    if rows_dtype not in (np.uint8, np.int16, np.int32, np.float32):
+        rows_dtype = np.dtype(np.int32 if rows_dtype.kind in "ui" else np.float32)
+
+    def load(block: tuple[int, int]) -> tuple[_Block, torch.Tensor]:
+        by, bx = block
+        cy0, cx0 = by * windows.block, bx * windows.block
+        cy1, cx1 = min(cy0 + windows.block, store.height), min(cx0 + windows.block, store.width)
+        pixels, mask = _read_window(
+            image, valid, windows.pixel_rows(cy0, cy1), windows.pixel_rows(cx0, cx1)
         )
-        block[:, covered] = feats.T
-    store.write(cy0, cx0, block.reshape(-1, cy1 - cy0, cx1 - cx0))
-    _done(Path(out), by, bx).touch()
-    return int(covered.sum())
+        tiles, covered = block_windows(pixels, mask, windows, (cy1 - cy0, cx1 - cx0))
+        rows = np.ascontiguousarray(tiles[covered], dtype=rows_dtype)
+        n = int(covered.sum())
+        feats = np.empty((n, store.dim), dtype=np.float32)
+        info = _Block(by, bx, cy0, cx0, cy1 - cy0, cx1 - cx0, covered, feats, n)
+        return info, torch.from_numpy(rows)
+
+    def write(block: _Block) -> None:
+        values = np.full((store.dim, block.h * block.w), np.nan, dtype=np.float32)
+        values[:, block.covered] = block.feats.T
+        store.write(block.y0, block.x0, values.reshape(-1, block.h, block.w))
+        _done(Path(out), block.by, block.bx).write_text(spec.precision)
+
+    loaders = spec.loader_threads or (min(8, max(2, (os.cpu_count() or 2) // 2)) if cuda else 1)
+    writers = spec.writer_threads or (4 if cuda else 1)
+    depth = max(2 * loaders, 4)
+
+    def loaded() -> Iterator[tuple[_Block, torch.Tensor]]:
+        blocks_ahead = prefetch(blocks, load, workers=loaders, depth=depth)
+        try:
+            for _, pair in blocks_ahead:
+                yield pair
+        finally:
+            blocks_ahead.close()
+
+    batcher: Batcher[_Block] = Batcher(
+        loaded(),
+        batch_size=batch_size,
+        row_shape=(bands, t, t),
+        dtype=torch.from_numpy(np.zeros(0, rows_dtype)).dtype,
+        pin=cuda,
+    )
+    n_tiles = 0
+
+    def finish(
+        batch: Batch[_Block], feats: torch.Tensor, event: Any, writer: Writer[_Block]
+    ) -> None:
+        if event is not None:
+            event.synchronize()  # the copy to the host is done, so is the batch's copy in
+        batcher.release(batch)
+        host = feats.numpy()
+        at = 0
+        for block, first, rows in batch.parts:
+            block.feats[first : first + rows] = host[at : at + rows]
+            at += rows
+            block.remaining -= rows
+            if block.remaining == 0:
+                writer.put(block)
+                if on_block is not None:
+                    on_block(block.h * block.w)
+
+    with torch.inference_mode(), Writer(write, workers=writers, depth=4 * writers) as writer:
+        previous = None
+        for batch in batcher:
+            n = len(batch.data)
+            n_tiles += n
+            if n:
+                x = batch.data.to(device, non_blocking=True).float()
+                with autocast():
+                    out_dev = model.forward_features((x - mean) / std, waves)
+                out_dev = out_dev.float()
+                if cuda:
+                    host = torch.empty(out_dev.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(out_dev, non_blocking=True)
+                    event: Any = torch.cuda.Event()
+                    event.record()
+                else:
+                    host, event = out_dev, None
+            else:
+                host, event = torch.zeros((0, store.dim)), None
+            if previous is not None:
+                finish(*previous, writer)
+            previous = (batch, host, event)
+        if previous is not None:
+            finish(*previous, writer)
+    return n_tiles
+
+
+def check_precision(store: EmbeddingStore, precision: str) -> None:
+    """Raise unless the store's blocks were computed at ``precision`` (a resumed run).
+
+    Raises:
+        InputDataError: naming both precisions and the fix.
+    """
+    recorded = str(store.attrs.get("precision", "fp32"))
+    if recorded != precision:
+        raise InputDataError(
+            f"{store.path}: its blocks were computed in {recorded} but this run computes in "
+            f"{precision}; a map must not mix precisions. Set embed.precision to {recorded} to "
+            "resume it, or delete the store (and its .blocks folder) to recompute it"
+        )
 
 
 def embed_region(
@@ -238,8 +448,8 @@ def embed_region(
     windows = Windows(tile_size, stride or tile_size, block_tiles)
     windows.check()
     check_dtype(dtype)
-    image = xr.open_zarr(image_zarr)
-    grid = embedding_grid(read_grid(image, source=str(image_zarr)), windows.stride)
+    image_attrs = dict(zarr.open_group(str(image_zarr), mode="r").attrs)
+    grid = embedding_grid(_read_grid_attrs(image_attrs, str(image_zarr)), windows.stride)
     if not (out / "zarr.json").is_file():
         create_embedding_store(
             out,
@@ -247,22 +457,51 @@ def embed_region(
             dim,
             chunk=block_tiles,
             dtype=dtype,
-            attrs={**(attrs or {}), "tile_size_px": tile_size, "stride_px": windows.stride},
+            attrs={
+                **(attrs or {}),
+                "tile_size_px": tile_size,
+                "stride_px": windows.stride,
+                "precision": spec.precision,
+            },
+            like=image_zarr,
         )
+    check_precision(EmbeddingStore(out), spec.precision)
     _records(out).mkdir(parents=True, exist_ok=True)
     blocks = covered_embedding_blocks(image_zarr, windows)
-    todo = [b for b in blocks if not _done(out, *b).exists()]
+    done = {entry.name for entry in os.scandir(_records(out))}
+    todo = [b for b in blocks if f"{b[0]}_{b[1]}" not in done]
     logger.info("embed: %d covered blocks, %d to do", len(blocks), len(todo))
     n_tiles = _run_blocks(
         str(image_zarr), str(out), todo, windows, spec, client, (grid.height, grid.width)
     )
-    zarr.consolidate_metadata(str(out))
+    _consolidate(out)
     return {
         "zarr": str(out),
         "blocks": len(blocks),
         "blocks_run": len(todo),
         "tiles_embedded": n_tiles,
+        "precision": spec.precision,
     }
+
+
+def _consolidate(out: Path) -> None:
+    with warnings.catch_warnings():  # zarr says consolidated metadata is not in the v3 spec
+        warnings.filterwarnings("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(out))
+
+
+def _read_grid_attrs(attrs: dict[str, Any], source: str) -> RegionGrid:
+    try:
+        return RegionGrid.from_dict(attrs["botaclip:grid"])
+    except KeyError as exc:
+        raise InputDataError(
+            f"{source}: no 'botaclip:grid' attribute; this Zarr was not written by botaclip. "
+            "Regenerate it with `botaclip run`."
+        ) from exc
+
+
+def _tasks(todo: list[tuple[int, int]], per_task: int) -> list[list[tuple[int, int]]]:
+    return [todo[i : i + per_task] for i in range(0, len(todo), per_task)]
 
 
 def _run_blocks(
@@ -274,39 +513,73 @@ def _run_blocks(
     client: Any | None,
     shape: tuple[int, int],
 ) -> int:
-    """Embed the blocks in this process or on Dask in waves; progress in cells (tiles)."""
+    """Embed the blocks in this process, or on Dask workers in bounded waves of block groups.
+
+    On Dask, a task embeds a group of neighbouring blocks (enough windows for the feeding
+    pipeline to reach its pace), and at most two tasks per worker are queued at once, so the
+    scheduler never holds a region's worth of tasks. Tasks ask for ``{"GPU": 1}`` only when
+    the blocks run on CUDA, so CPU clusters without resources keep working.
+    """
     b, (height, width) = windows.block, shape
 
     def cells(block: tuple[int, int]) -> int:
         by, bx = block
         return (min(by * b + b, height) - by * b) * (min(bx * b + b, width) - bx * b)
 
-    n_tiles = 0
     total = sum(cells(block) for block in todo)
     with progress.track(f"embedding {Path(out).name}", total=total, unit="tiles") as bar:
         if client is None:
-            for by, bx in todo:
-                n_tiles += embed_block(image_zarr, out, by, bx, windows, spec)
-                bar.advance(cells((by, bx)))
-            return n_tiles
+            return embed_blocks(image_zarr, out, todo, windows, spec, on_block=bar.advance)
         from distributed import as_completed
 
-        for start in range(0, len(todo), WAVE):
-            wave = todo[start : start + WAVE]
-            futures = client.map(
-                embed_block,
-                [image_zarr] * len(wave),
-                [out] * len(wave),
-                [blk[0] for blk in wave],
-                [blk[1] for blk in wave],
-                windows=windows,
-                spec=spec,
+        workers = client.scheduler_info().get("workers", {})
+        resources = None
+        if spec.wants_gpu:
+            resources = {"GPU": 1}
+            if workers and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+                raise InputDataError(
+                    "embed.device is CUDA but no Dask worker offers a GPU resource, so the "
+                    "blocks would wait forever; start workers with `dask worker ADDRESS "
+                    "--resources GPU=1` (one per GPU), or use dask-cuda's LocalCUDACluster "
+                    "with resources={'GPU': 1}"
+                )
+        n_workers = max(1, len(workers))
+        cells_per_block = b * b
+        batch = spec.batch_size or (256 if spec.wants_gpu else 8)
+        # about 16 batches a task, but at least two tasks a worker while the region allows
+        per_task = max(1, min(-(-16 * batch // cells_per_block), -(-len(todo) // (2 * n_workers))))
+        groups = _tasks(todo, per_task)
+        in_flight = 2 * n_workers
+        n_tiles = 0
+        pending = iter(groups)
+
+        def submit(group: list[tuple[int, int]]) -> Any:
+            return client.submit(
+                embed_blocks,
+                image_zarr,
+                out,
+                group,
+                windows,
+                spec,
                 pure=False,
+                resources=resources,
             )
-            block_of = {f.key: blk for f, blk in zip(futures, wave, strict=True)}
-            for future in as_completed(futures):
-                n_tiles += future.result()
-                bar.advance(cells(block_of[future.key]))
+
+        group_of = {}
+        futures = []
+        for group in pending:
+            futures.append(f := submit(group))
+            group_of[f.key] = group
+            if len(futures) >= in_flight:
+                break
+        queue = as_completed(futures)
+        for future in queue:
+            n_tiles += future.result()
+            bar.advance(sum(cells(blk) for blk in group_of.pop(future.key)))
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.add(f := submit(nxt))
+                group_of[f.key] = nxt
     return n_tiles
 
 
@@ -349,12 +622,19 @@ def transform_embeddings(
             count += int(good.sum())
         offset = (total / max(count, 1)).astype(np.float32)
     create_embedding_store(
-        out, src.grid, out_dim, chunk=src.chunk, attrs={**keep, **attrs}, dtype=dtype, offset=offset
+        out,
+        src.grid,
+        out_dim,
+        chunk=src.chunk,
+        attrs={**keep, **attrs},
+        dtype=dtype,
+        offset=offset,
+        like=source,
     )
     target = EmbeddingStore(out, mode="r+")
     for ys, xs in covered:  # the new store's fill values already say "nothing embedded" elsewhere
         target.write(ys.start, xs.start, mapped(ys, xs))
-    zarr.consolidate_metadata(str(out))
+    _consolidate(out)
     return {"zarr": str(out)}
 
 

@@ -54,6 +54,7 @@ def create_embedding_store(
     attrs: dict[str, Any],
     dtype: str = "float32",
     offset: np.ndarray | None = None,
+    like: str | Path | None = None,
 ) -> None:
     """Write the metadata of an empty embedding store on ``grid`` (nothing embedded yet).
 
@@ -65,6 +66,9 @@ def create_embedding_store(
         attrs: attributes of the store (provenance: source, model, keys).
         dtype: ``float32``, ``float16`` or ``int8`` (with a float32 ``scale`` plane).
         offset: int8 only: the per-feature centre ``m`` (default zeros: plain GeoTessera).
+        like: a botaclip Zarr on the same CRS (the image store, a source map) whose CRS
+            description is copied rather than derived again, so that no CRS library (rasterio,
+            PROJ) is needed: what a GPU machine without GDAL relies on.
 
     Raises:
         InputDataError: for another dtype.
@@ -88,9 +92,62 @@ def create_embedding_store(
         values = da.full((dim, grid.height, grid.width), np.nan, dtype=dtype, chunks=chunks3)
         data_vars[EMBEDDING] = (("feature", "y", "x"), values, {"long_name": "embedding"})
         encoding[EMBEDDING] = {"chunks": chunks3, "compressors": zstd, "_FillValue": np.nan}
-    ds = georeferenced_dataset(grid, data_vars, {**attrs, "embedding_dtype": dtype})
+    store_attrs = {**attrs, "embedding_dtype": dtype}
+    ds = _georeferenced_like(Path(like), grid, data_vars, store_attrs) if like else None
+    if ds is None:
+        ds = georeferenced_dataset(grid, data_vars, store_attrs)
     ds = ds.assign_coords(feature=np.arange(dim, dtype=np.int32))
     ds.to_zarr(out, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+
+
+def _georeferenced_like(
+    like: Path, grid: RegionGrid, data_vars: dict[str, Any], attrs: dict[str, Any]
+) -> xr.Dataset | None:
+    """:func:`georeferenced_dataset` with the CRS description of ``like`` (None: not usable).
+
+    The coordinates, GeoTransform and ``spatial:`` attributes are computed for ``grid``; the
+    CRS WKT and code are copied from ``like``, which must be on the same CRS.
+    """
+    try:
+        group = zarr.open_group(str(like), mode="r")
+        source: dict[str, Any] = dict(group.attrs)
+        ref = dict(cast(Any, group["spatial_ref"]).attrs)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+    if source.get("botaclip:grid", {}).get("crs") != grid.crs or "crs_wkt" not in ref:
+        return None
+    res, left, top = grid.resolution, grid.left, grid.top
+    xs = left + (np.arange(grid.width) + 0.5) * res
+    ys = top - (np.arange(grid.height) + 0.5) * res
+    spatial_ref = xr.DataArray(
+        np.int32(0),
+        attrs={
+            "crs_wkt": ref["crs_wkt"],
+            "spatial_ref": ref.get("spatial_ref", ref["crs_wkt"]),
+            "GeoTransform": " ".join(str(v) for v in (left, res, 0.0, top, 0.0, -res)),
+        },
+    )
+    coords = {
+        "x": ("x", xs, {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"}),
+        "y": ("y", ys, {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
+        "spatial_ref": spatial_ref,
+    }
+    geo: dict[str, Any] = {
+        "proj:code": source.get("proj:code"),
+        "proj:wkt2": source.get("proj:wkt2", ref["crs_wkt"]),
+        "spatial:dimensions": ["y", "x"],
+        "spatial:transform": [res, 0.0, left, 0.0, -res, top],
+        "spatial:shape": [grid.height, grid.width],
+        "spatial:bbox": list(grid.bounds),
+        "spatial:registration": "pixel",
+        "botaclip:grid": grid.to_dict(),
+    }
+    geo = {k: v for k, v in geo.items() if v is not None}
+    ds = xr.Dataset(data_vars=data_vars, coords=coords, attrs={**attrs, **geo})
+    for name in ds.data_vars:
+        if {"y", "x"} <= set(ds[name].dims):
+            ds[name].attrs["grid_mapping"] = "spatial_ref"
+    return ds
 
 
 def check_dtype(dtype: str) -> None:

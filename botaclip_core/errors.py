@@ -23,3 +23,7 @@ class WeightsError(BotaclipError, ValueError):
 
 class StageError(BotaclipError, RuntimeError):
     """A pipeline stage cannot run (missing upstream output, empty data)."""
+
+
+class StorageError(BotaclipError, OSError):
+    """The artifact store cannot be written: workdir not a folder, not writable, disk full."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from affine import Affine
-from rasterio.crs import CRS
 
 from botaclip_core.errors import CRSMismatchError
+
+if TYPE_CHECKING:  # rasterio only where a CRS is parsed: embedding on a GPU box needs no GDAL
+    from rasterio.crs import CRS
 
 
 def parse_crs(value: str | CRS, *, field: str = "crs") -> CRS:
@@ -19,6 +21,8 @@ def parse_crs(value: str | CRS, *, field: str = "crs") -> CRS:
     Raises:
         CRSMismatchError: if the value is not a CRS that PROJ knows.
     """
+    from rasterio.crs import CRS
+
     if isinstance(value, CRS):
         return value
     try:

@@ -160,9 +160,15 @@ def plan_region(
 
     Raises:
         CatalogError: for unknown or inapplicable stages, globs that match nothing, bad values.
+        InputDataError: for orthophotos that are unreadable, truncated, of mixed data types,
+            with other bands than the catalog's, or outside the region.
+        CRSMismatchError: for an orthophoto without CRS.
+        StorageError: if the workdir is a file or not writable.
     """
     ctx = PlanContext(catalog, region)
+    ctx.store.check_writable()
     names = resolve_stages(ctx, stages)
+    _check_inputs(ctx)
     plan = RegionPlan(region, str(catalog.workdir_path), str(catalog_path), dump_catalog(catalog))
     content_keys: dict[str, str] = {}
     for name in names:
@@ -182,6 +188,14 @@ def plan_region(
         )
     ctx.save_fingerprints()
     return plan
+
+
+def _check_inputs(ctx: PlanContext) -> None:
+    """Errors in the orthophotos that a stage would hit mid-run, found before any stage runs."""
+    from botaclip_core.tiling import check_orthophotos
+
+    ortho = ctx.region.orthophotos
+    check_orthophotos(ctx.orthophoto_files, ctx.grid, list(ortho.bands), ortho.nodata)
 
 
 def run_stage(plan: RegionPlan, name: str) -> StageResult:

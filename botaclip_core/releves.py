@@ -67,6 +67,33 @@ def _require_columns(
             )
 
 
+def _first_rows(frame: pd.DataFrame, bad: np.ndarray, spec: DatasetSpec) -> str:
+    """``first: site_id 'R0001' (data row 3)`` for the first flagged row."""
+    first = int(np.flatnonzero(bad)[0])
+    site = f"{spec.site_id} {frame[spec.site_id].iloc[first]!r}, " if spec.site_id in frame else ""
+    return f"first: {site}data row {first + 1}"
+
+
+def _check_geometries(frame: gpd.GeoDataFrame, spec: DatasetSpec, *, path: Path, name: str) -> None:
+    """Raise for empty, missing or invalid geometries: a site needs a place."""
+    geometry = frame.geometry
+    missing = (geometry.isna() | geometry.is_empty).to_numpy()
+    if missing.any():
+        raise InputDataError(
+            f"{path}: {int(missing.sum())} rows have empty or missing geometries "
+            f"({_first_rows(frame, missing, spec)}), so those sites have no place "
+            f"(datasets.{name}). Fix or drop those rows."
+        )
+    invalid = (~geometry.is_valid).to_numpy()
+    if invalid.any():
+        raise InputDataError(
+            f"{path}: {int(invalid.sum())} rows have invalid geometries (for example "
+            f"self-intersecting polygons; {_first_rows(frame, invalid, spec)}) in "
+            f"datasets.{name}. Fix them (shapely.make_valid, or QGIS 'Fix geometries') or drop "
+            "those rows."
+        )
+
+
 def read_points(spec: DatasetSpec, path: Path, *, name: str) -> gpd.GeoDataFrame:
     """Read a site dataset as points with a CRS, whatever its format.
 
@@ -100,8 +127,15 @@ def read_points(spec: DatasetSpec, path: Path, *, name: str) -> gpd.GeoDataFrame
         raise
     except Exception as exc:
         raise InputDataError(f"{path}: cannot be read as a {suffix} table ({exc})") from exc
+    if len(frame) == 0:
+        raise InputDataError(
+            f"{path}: the table has no rows, so datasets.{name} has no record to use. Point "
+            f"datasets.{name}.path{' (and layer)' if spec.layer else ''} to the file holding "
+            "the records, or remove the dataset from the region."
+        )
 
     if isinstance(frame, gpd.GeoDataFrame) and frame.geometry is not None and "geometry" in frame:
+        _check_geometries(frame, spec, path=path, name=name)
         if frame.crs is None and spec.crs is None:
             raise CRSMismatchError(
                 f'{path}: the file has no CRS. Set datasets.{name}.crs (e.g. "EPSG:2154").'
@@ -146,6 +180,8 @@ def sites_on_grid(spec: DatasetSpec, path: Path, grid: RegionGrid, *, name: str)
     if spec.value:
         columns["value"] = spec.value
     _require_columns(frame, columns, source=str(path), name=name)
+    frame = _drop_blank_species(frame, spec, path=path, name=name)
+    source = frame
     frame = frame.to_crs(grid.crs_obj.to_wkt())
 
     long = pd.DataFrame(
@@ -167,14 +203,15 @@ def sites_on_grid(spec: DatasetSpec, path: Path, grid: RegionGrid, *, name: str)
     else:
         long["value"] = 1.0
 
+    _check_one_place_per_site(long, spec, path=path, name=name)
     sites = long.groupby("site_id", sort=True)[["x", "y"]].first().reset_index()
     rows, cols = grid.rowcol(sites["x"].to_numpy(), sites["y"].to_numpy())
     inside = grid.contains(rows, cols)
     if not inside.any():
         raise InputDataError(
             f"{path}: none of its {len(sites)} sites falls inside the region grid "
-            f"(bounds {tuple(round(b, 1) for b in grid.bounds)} in {grid.crs}). "
-            f"Check datasets.{name}.crs and the coordinate columns."
+            f"(bounds {tuple(round(b, 1) for b in grid.bounds)} in {grid.crs}), so "
+            f"datasets.{name} has no usable record. " + _swap_hint(source, spec, grid, name=name)
         )
     if not inside.all():
         logger.warning(
@@ -192,3 +229,83 @@ def sites_on_grid(spec: DatasetSpec, path: Path, grid: RegionGrid, *, name: str)
     )
     wide = wide.reindex(index=sites["site_id"], columns=species, fill_value=0.0)
     return SiteTable(sites, species, wide.to_numpy(dtype=np.float32))
+
+
+def _drop_blank_species(
+    frame: gpd.GeoDataFrame, spec: DatasetSpec, *, path: Path, name: str
+) -> gpd.GeoDataFrame:
+    """Rows without a species name: an error if every row is blank, else dropped with a warning."""
+    column = frame[spec.species]
+    blank = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
+    if blank.all():
+        others = [c for c in frame.columns if c not in ("geometry", spec.species)]
+        raise InputDataError(
+            f"{path}: column {spec.species!r} (datasets.{name}.species) is blank in all "
+            f"{len(frame)} rows. Set datasets.{name}.species to the column naming the species "
+            f"(the file's other columns: {others}), or fill it in."
+        )
+    if blank.any():
+        logger.warning(
+            "%s: %d of %d rows have no species in column %r and are dropped (%s)",
+            path,
+            int(blank.sum()),
+            len(frame),
+            spec.species,
+            _first_rows(frame, blank, spec),
+        )
+        frame = frame.loc[~blank]
+    return frame
+
+
+def _check_one_place_per_site(
+    long: pd.DataFrame, spec: DatasetSpec, *, path: Path, name: str
+) -> None:
+    """Raise if one site id is recorded at two places (two sites sharing an id)."""
+    spans = long.groupby("site_id", sort=True)[["x", "y"]].agg(["min", "max"])
+    spread = np.maximum(
+        (spans[("x", "max")] - spans[("x", "min")]).to_numpy(),
+        (spans[("y", "max")] - spans[("y", "min")]).to_numpy(),
+    )
+    # a millimetre in metres, or its equivalent: the same place written twice, not two places
+    conflict = spread > 1e-3
+    if conflict.any():
+        site = spans.index[np.flatnonzero(conflict)[0]]
+        rows = long[long["site_id"] == site]
+        places = sorted(
+            {(round(x, 2), round(y, 2)) for x, y in zip(rows["x"], rows["y"], strict=True)}
+        )
+        more = int(conflict.sum()) - 1
+        raise InputDataError(
+            f"{path}: site id {site!r} (datasets.{name}.site_id = {spec.site_id!r}) is recorded "
+            f"at {len(places)} different places {places[:3]}"
+            + (f" (and {more} more site ids like it)" if more else "")
+            + "; one id must name one site. Give each site its own id, or fix the coordinates "
+            "of the duplicated rows."
+        )
+
+
+def _swap_hint(source: gpd.GeoDataFrame, spec: DatasetSpec, grid: RegionGrid, *, name: str) -> str:
+    """The fix for a dataset with no site in the region: swapped axes if they would put it inside."""
+    points = source.geometry
+    swapped = gpd.GeoSeries(gpd.points_from_xy(points.y, points.x), crs=source.crs)
+    try:
+        moved = swapped.to_crs(grid.crs_obj.to_wkt())
+        rows, cols = grid.rowcol(moved.x.to_numpy(), moved.y.to_numpy())
+        n_inside = int(grid.contains(rows, cols).sum())
+    except Exception:  # swapped values may be no valid coordinates at all (latitude > 90)
+        n_inside = 0
+    if n_inside:
+        if spec.path.lower().endswith((".csv", ".parquet")) and {spec.x, spec.y} <= set(
+            source.columns
+        ):
+            fix = (
+                f"Swap them: set datasets.{name}.x to {spec.y!r} and datasets.{name}.y to "
+                f"{spec.x!r}."
+            )
+        else:
+            fix = "Rewrite the file with x (easting, longitude) first and y second."
+        return (
+            f"With x and y swapped, {n_inside} of its records would fall inside: the "
+            f"coordinates look swapped (lat/lon given as lon/lat). {fix}"
+        )
+    return f"Check datasets.{name}.crs (now {spec.crs or 'from the file'}) and the coordinates."

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from botaclip_core import __version__
-from botaclip_core.errors import InputDataError, StageError
+from botaclip_core.errors import InputDataError, StageError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +79,110 @@ def stage_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
+def temporary_path(path: Path) -> Path:
+    """A hidden sibling of ``path`` for writing it atomically, unique per process and thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Flush the finished file ``tmp`` to disk, rename it over ``path``, flush the folder.
+
+    After a crash, ``path`` holds the old content or the whole new one, never a part.
+    """
+    with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_npy(path: Path, array: Any) -> None:
+    """``np.save`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
     """:func:`atomic_write_text` of indented JSON."""
     atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def storage_error(
+    exc: OSError, *, what: str, workdir: Path, target: Path | None = None
+) -> BaseException:
+    """A clear error for a failed write (full disk, no permission), or ``exc`` itself.
+
+    Args:
+        exc: the error a write raised.
+        what: what was writing (a stage's name, "the report").
+        workdir: the artifact store's root (what to free space on or make writable).
+        target: what was being written, when the error does not name the file.
+
+    Nothing of a stage is marked complete; what it finished (blocks, groups, epochs) is kept.
+    """
+    where = exc.filename or target or workdir
+    if exc.errno in _DISK_FULL:
+        return StorageError(
+            f"{what}: the disk is full (or a size or quota limit was reached) while writing "
+            f"{where} ({exc.strerror}). Free space on the disk holding {workdir}, then rerun the "
+            "same command: finished stages and finished parts of this one are kept, and the run "
+            "resumes where it stopped."
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(
+            f"{what}: cannot write {where} ({exc.strerror}). Make the workdir {workdir} "
+            "writable, or set 'workdir' in the catalog to another folder."
+        )
+    return exc
 
 
 @dataclass
@@ -135,8 +227,16 @@ class ArtifactStore:
             return {}
 
     def save_fingerprints(self, fingerprints: dict[str, dict[str, Any]]) -> None:
-        """Record fingerprints for later runs (atomically; the last writer wins)."""
-        atomic_write_json(self.fingerprint_cache, fingerprints)
+        """Record fingerprints for later runs (atomically; the last writer wins).
+
+        A cache: when it cannot be written (a full disk), the next run hashes the files again.
+        """
+        try:
+            atomic_write_json(self.fingerprint_cache, fingerprints)
+        except OSError as exc:
+            logger.warning(
+                "cannot write %s (%s); files are hashed again next run", self.fingerprint_cache, exc
+            )
 
     def stage_dir(self, stage: str, key: str) -> Path:
         """Folder of one stage output."""
@@ -172,34 +272,78 @@ class ArtifactStore:
         """Run ``build(out_dir)`` unless the keyed output is already complete.
 
         ``build`` writes into ``out_dir`` (which survives a crash, so long stages resume inside
-        it) and returns the outputs to record; the manifest is written last, atomically.
+        it) and returns the outputs to record; the manifest is written last, atomically. The
+        build runs under the output's :class:`~botaclip_core.locks.StageLock`: a second run
+        that needs the same output waits for the first, then reuses what it wrote.
+
+        Raises:
+            StorageError: if the disk is full or the store cannot be written (nothing is marked
+                complete; a rerun resumes).
         """
         key = key or stage_key(stage, version, settings, inputs)
         out_dir = self.stage_dir(stage, key)
         if self.is_complete(stage, key):
-            manifest = self.manifest(stage, key)
-            logger.info("%s: cached (%s)", stage, out_dir)
-            return StageResult(stage, key, "cached", 0.0, out_dir, manifest["outputs"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("%s: running into %s", stage, out_dir)
-        start = time.perf_counter()
-        outputs = build(out_dir)
-        seconds = time.perf_counter() - start
-        atomic_write_json(
-            out_dir / SUCCESS,
-            {
-                "stage": stage,
-                "stage_version": version,
-                "key": key,
-                "code_version": __version__,
-                "settings": dict(settings),
-                "inputs": dict(inputs),
-                "outputs": outputs,
-                "seconds": round(seconds, 3),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
+            return self._cached(stage, key)
+        from botaclip_core.locks import StageLock
+
+        try:
+            with StageLock(self.root, stage, key).hold():
+                # another run may have finished it while this one waited for the lock
+                if self.is_complete(stage, key):
+                    return self._cached(stage, key)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                logger.info("%s: running into %s", stage, out_dir)
+                start = time.perf_counter()
+                outputs = build(out_dir)
+                seconds = time.perf_counter() - start
+                atomic_write_json(
+                    out_dir / SUCCESS,
+                    {
+                        "stage": stage,
+                        "stage_version": version,
+                        "key": key,
+                        "code_version": __version__,
+                        "settings": dict(settings),
+                        "inputs": dict(inputs),
+                        "outputs": outputs,
+                        "seconds": round(seconds, 3),
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
+        except OSError as exc:
+            clear = storage_error(exc, what=stage, workdir=self.root, target=out_dir)
+            if clear is exc:
+                raise
+            raise clear from exc
         return StageResult(stage, key, "completed", seconds, out_dir, outputs)
+
+    def _cached(self, stage: str, key: str) -> StageResult:
+        out_dir = self.stage_dir(stage, key)
+        manifest = self.manifest(stage, key)
+        logger.info("%s: cached (%s)", stage, out_dir)
+        return StageResult(stage, key, "cached", 0.0, out_dir, manifest["outputs"])
+
+    def check_writable(self) -> None:
+        """Check that the store's root is a folder this process can write, creating it if needed.
+
+        Raises:
+            StorageError: if the root is a file, cannot be created or is not writable.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(
+                f"workdir {self.root} is a file, not a folder. Set 'workdir' in the catalog to a "
+                "folder (it is created if missing)."
+            )
+        probe = self.root / f".write-test-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(
+                f"workdir {self.root} is not writable ({exc.strerror or exc}). Set 'workdir' in the "
+                "catalog to a folder you can write, or fix its permissions."
+            ) from None
 
     def discard(self, stage: str, key: str) -> None:
         """Remove a stage output (complete or partial)."""

@@ -12,6 +12,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
 from botaclip_core.catalog import StrictModel, load_catalog, merge_overrides
+from botaclip_core.sdm.models import DEFAULT_MODEL
 from botaclip_core.store import atomic_write_json
 from flows.pipeline import PipelineParams, pipeline_flow
 
@@ -69,8 +70,10 @@ def ablation_flow(params: AblationParams) -> list[dict[str, Any]]:
             "val_loss": val.get("best_val_loss"),
             "val_recall_at_5": val.get("val_recall_at_5"),
         }
+        models = [r["model"] for r in report["downstream"]]
+        chosen = DEFAULT_MODEL if DEFAULT_MODEL in models else next(iter(models), None)
         for r in report["downstream"]:
-            if r.get("primary", True):
+            if r.get("primary", True) and r["model"] == chosen:
                 row[f"{r['task']}:{r['features']}:{r['metric']}"] = r["value"]
         rows.append(row)
         logger.info("variant %s done", row["variant"])

@@ -1,4 +1,4 @@
-"""The `botaclip` command line: demo, run, export, validate, serve."""
+"""The `botaclip` command line: demo, run, export, validate, server, deploy, serve."""
 
 from __future__ import annotations
 
@@ -94,6 +94,8 @@ def _run(
         if use_prefect:
             from flows.pipeline import PipelineParams, pipeline_flow
 
+            _quiet_user_errors()
+
             params = PipelineParams(
                 catalog=str(catalog),
                 region=region,
@@ -108,7 +110,41 @@ def _run(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         logging.getLogger("distributed").setLevel(logging.WARNING)
         cat = load_catalog(catalog, overrides)
-        return run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
+        try:
+            return run_region(cat, region, stages=stages, catalog_path=catalog, report_path=report)
+        except OSError as exc:  # writes outside a stage (the report) on a full disk
+            from botaclip_core.store import storage_error
+
+            clear = storage_error(exc, what="the run", workdir=cat.workdir_path)
+            if clear is exc:
+                raise
+            raise clear from None
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Drop the traceback from Prefect's log of a task or flow failing on a BotaclipError.
+
+    Those errors are the user's input (the message says what to fix), printed once by
+    :func:`_fail`; a traceback through the engine would bury it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record, without its traceback for BotaclipErrors."""
+        if record.exc_info and isinstance(record.exc_info[1], BotaclipError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in (
+        "prefect.task_runs",
+        "prefect.flow_runs",
+        "prefect.task_engine",
+        "prefect.flow_engine",
+    ):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in target.filters):
+            target.addFilter(_NoTracebackForUserErrors())
 
 
 def _fail(exc: BotaclipError) -> None:
@@ -337,6 +373,70 @@ def serve(
 
     params = {"params": {"catalog": str(catalog.resolve()), "region": region}}
     pipeline_flow.serve(name=name or f"botaclip-{region}", parameters=params, cron=cron)
+
+
+from flows.sdm_cli import sdm_benchmark  # noqa: E402
+
+app.command("sdm-benchmark")(sdm_benchmark)
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="Port of the API and the UI.")] = 4200,
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to listen on; keep loopback unless inside a container."),
+    ] = "127.0.0.1",
+) -> None:
+    """Start a Prefect server with its UI (SQLite, or PREFECT_API_DATABASE_CONNECTION_URL)."""
+    from flows.server import server_spec
+
+    spec = server_spec(host=host, port=port)
+    console.print(f"Prefect UI: [bold]{spec.ui_url}[/bold]   database: {spec.database}")
+    console.print(f"in other shells: export PREFECT_API_URL={spec.api_url}")
+    console.file.flush()
+    # the server replaces this process: signals (Ctrl-C, docker stop) reach it directly
+    os.execve(spec.command[0], spec.command, spec.env)
+
+
+@app.command()
+def deploy(
+    catalog: Annotated[Path, typer.Argument(help="Path of the data catalog YAML.")],
+    region: Annotated[
+        list[str] | None, typer.Option(help="Region to deploy (repeat for more); default all.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Most flow runs at once in this process.")
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler of every run, e.g. tcp://host:8786 (dask.address)."),
+    ] = None,
+) -> None:
+    """Serve each region's deployments: the pipeline on its schedule, regenerate, refit."""
+    from flows.deploy import region_deployments, serve_deployments
+
+    try:
+        deployments = region_deployments(catalog, region or None, dask_address=dask_address)
+    except BotaclipError as exc:
+        _fail(exc)
+        return
+    table = Table(title="deployments (Ctrl-C stops serving them)")
+    for col in ("deployment", "schedule"):
+        table.add_column(col)
+    for d in deployments:
+        cron = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules or [])
+        table.add_row(f"{d.flow_name}/{d.name}", cron or "on demand")
+    console.print(table)
+    first = next(d for d in deployments if d.flow_name == "botaclip-regenerate-embeddings")
+    params = first.parameters["params"]
+    console.print(
+        "run one: prefect deployment run "
+        f"'{first.flow_name}/{first.name}' --param "
+        f'\'params={{"catalog": "{params["catalog"]}", "region": "{params["region"]}", '
+        '"finetune_key": "<key>"}\''
+    )
+    serve_deployments(deployments, limit=limit)
 
 
 if __name__ == "__main__":

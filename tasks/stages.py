@@ -12,6 +12,7 @@ from botaclip_core import progress
 from botaclip_core.catalog import load_catalog
 from botaclip_core.errors import BotaclipError
 from botaclip_core.pipeline import RegionPlan, plan_region, run_stage
+from botaclip_core.regenerate import regenerate_plan
 from tasks.progress import PrefectProgress
 
 
@@ -36,6 +37,29 @@ def plan_task(
     """Keys and settings of the stages to run (cheap: file fingerprints and settings)."""
     catalog = load_catalog(catalog_path, overrides)
     return plan_region(catalog, region, stages, catalog_path=catalog_path).to_dict()
+
+
+@task(name="plan-regenerate", retries=0, tags=["botaclip"])
+def regenerate_plan_task(
+    catalog_path: str,
+    region: str,
+    *,
+    finetune_key: str | None = None,
+    checkpoint: str | None = None,
+    stages: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A plan for the region's maps (and ``stages``) from the catalog's or a named finetune."""
+    catalog = load_catalog(catalog_path, overrides)
+    plan = regenerate_plan(
+        catalog,
+        region,
+        finetune_key=finetune_key,
+        checkpoint=checkpoint,
+        stages=stages,
+        catalog_path=catalog_path,
+    )
+    return plan.to_dict()
 
 
 @task(

@@ -65,7 +65,7 @@ def summarize(
         "stages": sorted(report["stages"]),
         "embeddings": sorted(report["embeddings"]),
         "downstream": sorted(
-            (r["task"], r["features"], r["model"], r["metric"], r["value"])
+            (r["task"], r["features"], r["model"], r["validation"], r["metric"], r["value"])
             for r in report["downstream"]
         ),
     }
@@ -81,7 +81,7 @@ def summarize(
         f = _one(workdir, f"finetune/*/{name}")
         if f is None:
             continue
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=True)
         for key, value in _tensors(state, name):
             arrays[f"finetune/{key}"] = value
     for source, path in report["embeddings"].items():

@@ -121,7 +121,9 @@ def assert_demo_outputs(demo: DemoRun) -> None:
         assert Path(store).is_dir() and Path(store).is_relative_to(demo.workdir.resolve())
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
     assert pairs == {
-        (t, f) for t in ("plants", "butterflies", "soil") for f in ("dofa", "botaclip", "botasp")
+        (t, f)
+        for t in ("plants", "butterflies", "soil")
+        for f in ("dofa", "botaclip", "botasp", "spectral")
     }
     assert Path(report["model_card"]).is_file()
 

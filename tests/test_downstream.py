@@ -13,32 +13,48 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import pointbiserialr, spearmanr
+from sdm_reference import ecospat_boyce_reference
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.model_selection import cross_val_predict
 from threadpoolctl import threadpool_limits
 
 from botaclip_core.catalog import DownstreamSettings
 from botaclip_core.downstream import (
-    _classify_oof,
-    boyce_index,
     evaluate_abundance,
     evaluate_presence_absence,
     evaluate_presence_only,
     fit_projector,
     spatial_blocks,
-    true_skill_statistic,
 )
 from botaclip_core.embedding_store import EmbeddingStore, create_embedding_store
 from botaclip_core.errors import StageError
 from botaclip_core.grid import RegionGrid
+from botaclip_core.sdm.blocks import balanced_folds
+from botaclip_core.sdm.models import MODEL_NAMES, ModelParams, fit_models, predict_models
 from botaclip_core.stages.downstream import _background
 
 N, D = 300, 16
-SETTINGS = DownstreamSettings(folds=4, pca_components=None, min_presences=5, C=1.0)
-# what the pipeline runs: C 0.1, balanced logistic models, StandardScaler + PCA, 5 folds
-PIPELINE = DownstreamSettings()
+SETTINGS = DownstreamSettings(
+    folds=4,
+    pca_components=None,
+    min_presences=5,
+    models=["glm"],
+    model_params=ModelParams(C=1.0),
+    bootstrap=0,
+)
+# every model, small forests and boosting for speed
+ALL_MODELS = DownstreamSettings(
+    folds=4,
+    pca_components=None,
+    min_presences=5,
+    model_params=ModelParams(rf_trees=60, brt_iterations=60),
+    jobs=2,
+    bootstrap=200,
+)
+# the pipeline's GLM: C 0.1, balanced logistic models, StandardScaler + PCA, 5 folds
+PIPELINE = DownstreamSettings(models=["glm"], bootstrap=0)
 DISDAT_COVARIATES = [
     "bcc",
     "calc",
@@ -84,42 +100,47 @@ def _tss_by_hand(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.max(sensitivity + specificity - 1))
 
 
-def _boyce_by_hand(presence: np.ndarray, background: np.ndarray, n_classes: int = 10) -> float:
-    """Boyce et al. (2002): ρ between suitability class and predicted/expected frequency.
-
-    Classes of equal width span the background's scores; a presence scored outside that range
-    counts in the nearest end class; classes holding no background are left out.
-    """
-    lo, hi = background.min(), background.max()
-    width = (hi - lo) / n_classes
-    classes, ratios = [], []
-    for i in range(n_classes):
-        in_p = np.clip(np.floor((presence - lo) / width), 0, n_classes - 1) == i
-        in_e = np.clip(np.floor((background - lo) / width), 0, n_classes - 1) == i
-        if in_e.any():
-            classes.append(i)
-            ratios.append(in_p.mean() / in_e.mean())
-    return float(spearmanr(classes, ratios).statistic)
-
-
 def _oof_logistic(
     X: np.ndarray, y: np.ndarray, groups: np.ndarray, s: DownstreamSettings
 ) -> np.ndarray:
     """Out-of-fold presence probabilities from scikit-learn's own cross_val_predict."""
-    clf = LogisticRegression(C=s.C, class_weight="balanced", max_iter=2000)
-    cv = GroupKFold(n_splits=min(s.folds, len(np.unique(groups))))
-    return cross_val_predict(clf, X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
+    clf = LogisticRegression(C=s.model_params.C, class_weight="balanced", max_iter=2000)
+    cv = balanced_folds(groups, y, s.folds, seed=s.seed)  # the folds are tested on their own
+    return cross_val_predict(clf, X, y, cv=cv, method="predict_proba")[:, 1]
 
 
-def _train_test_scores(
-    X: np.ndarray, Y: np.ndarray, is_test: np.ndarray, s: DownstreamSettings
-) -> np.ndarray:
-    """The project's classifier fitted on the training rows, scored on the test rows.
+def _train_test_scores(X: np.ndarray, Y: np.ndarray, is_test: np.ndarray, s) -> np.ndarray:
+    """The project's GLM fitted on the training rows of each column, scored on the test rows."""
+    out = np.full((int(is_test.sum()), Y.shape[1]), np.nan)
+    for j in range(Y.shape[1]):
+        y = Y[~is_test, j]
+        if y.min() == y.max():
+            continue
+        models = fit_models(["glm"], "presence_absence", X[~is_test], y, s.model_params, seed=0)
+        out[:, j] = predict_models(models, X[is_test])["glm"]
+    return out
 
-    ``_classify_oof`` with the split as its two groups makes two folds: the test rows' scores
-    come from the models fitted on the training rows only.
+
+def _oof_calls_by_hand(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, s: DownstreamSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold scores, and presence calls at each training fold's own max-TSS threshold.
+
+    The threshold is found by trying every fitted training score (``_tss_by_hand``'s rule).
     """
-    return _classify_oof(X, Y, is_test.astype(int), s)[is_test]
+    oof, calls = np.full(len(y), np.nan), np.zeros(len(y), dtype=bool)
+    for train, test in balanced_folds(groups, y, s.folds, seed=s.seed):
+        clf = LogisticRegression(C=s.model_params.C, class_weight="balanced", max_iter=2000)
+        clf.fit(X[train], y[train])
+        fitted = clf.predict_proba(X[train])[:, 1]
+        candidates = np.unique(fitted)
+        tss = [
+            (fitted[y[train] == 1] >= t).mean() + (fitted[y[train] == 0] < t).mean()
+            for t in candidates
+        ]
+        oof[test] = clf.predict_proba(X[test])[:, 1]
+        calls[test] = oof[test] >= candidates[int(np.argmax(tss))]
+    return oof, calls
 
 
 # --- synthetic ---------------------------------------------------------------------------------
@@ -130,76 +151,72 @@ def test_spatial_blocks_group_neighbours():
     assert ids[0] == ids[1] and len(set(ids)) == 3
 
 
-def test_presence_absence_learns_signal_and_not_noise():
+def test_presence_absence_every_model_learns_signal_and_not_noise():
     rng, xy, X = _sites(seed=0)
     Y = np.column_stack(
         [(X[:, 0] + 0.3 * rng.normal(size=N)) > 0, (X[:, 1] > 0.5), rng.random(N) > 0.5]
     ).astype(float)
-    scores = evaluate_presence_absence(X, Y, xy, ["a", "b", "noise"], SETTINGS, block_size=200)
-    assert scores.n_targets == 3
-    assert scores.per_target["a"]["auc"] > 0.9 and scores.per_target["b"]["auc"] > 0.85
-    assert 0.3 < scores.per_target["noise"]["auc"] < 0.7
-    assert 0 <= scores.metrics["tss"] <= 1
+    by_model = evaluate_presence_absence(X, Y, xy, ["a", "b", "noise"], ALL_MODELS, block_size=200)
+    assert list(by_model) == list(MODEL_NAMES)
+    for model, scores in by_model.items():
+        assert scores.n_targets == 3, model
+        assert scores.per_target["a"]["auc"] > 0.85, model
+        assert scores.per_target["b"]["auc"] > 0.8, model
+        assert 0.3 < scores.per_target["noise"]["auc"] < 0.7, model
+        assert scores.per_target["a"]["tss"] > 0.5 and scores.per_target["a"]["cor"] > 0.5, model
+        assert scores.per_target["a"]["kappa"] > 0.4, model
+        assert abs(scores.per_target["noise"]["kappa"]) < 0.25, model
+        # intervals: over species for the mean, over sites for each species; each holds its
+        # estimate, and the signal species' AUC interval lies above chance
+        for metric, (lo, hi) in scores.intervals.items():
+            assert lo <= scores.metrics[metric] <= hi, (model, metric)
+        lo, hi = scores.per_target_intervals["a"]["auc"]
+        assert 0.5 < lo <= scores.per_target["a"]["auc"] <= hi <= 1.0, model
+        lo, hi = scores.per_target_intervals["noise"]["auc"]
+        assert lo < 0.5 < hi, model
+    # seeded: a rerun gives the same numbers
+    again = evaluate_presence_absence(X, Y, xy, ["a", "b", "noise"], ALL_MODELS, block_size=200)
+    assert {m: v.per_target for m, v in again.items()} == {
+        m: v.per_target for m, v in by_model.items()
+    }
 
 
 def test_rare_species_are_skipped():
     _, xy, X = _sites(seed=1)
     Y = np.zeros((N, 1))
     Y[:3, 0] = 1
-    assert evaluate_presence_absence(X, Y, xy, ["rare"], SETTINGS, block_size=200).n_targets == 0
+    scores = evaluate_presence_absence(X, Y, xy, ["rare"], SETTINGS, block_size=200)
+    assert scores["glm"].n_targets == 0
 
 
-def test_presence_only_against_background():
+def test_presence_only_every_model_against_background():
     rng = np.random.default_rng(2)
     bg = rng.normal(size=(400, D))
     bg_xy = rng.uniform(0, 1000, size=(400, 2))
     pres = rng.normal(size=(80, D)) + np.r_[2.0, np.zeros(D - 1)]
     Y = np.ones((80, 1))
-    scores = evaluate_presence_only(
-        pres, Y, rng.uniform(0, 1000, (80, 2)), bg, bg_xy, ["sp"], SETTINGS, block_size=200
+    by_model = evaluate_presence_only(
+        pres, Y, rng.uniform(0, 1000, (80, 2)), bg, bg_xy, ["sp"], ALL_MODELS, block_size=200
     )
-    assert scores.per_target["sp"]["auc"] > 0.8 and scores.per_target["sp"]["boyce"] > 0.5
+    assert list(by_model) == list(MODEL_NAMES)
+    for model, scores in by_model.items():
+        assert scores.per_target["sp"]["auc"] > 0.75, model
+        assert scores.per_target["sp"]["boyce"] > 0.3, model  # measured 0.34 (maxent) to 0.96
 
 
-def test_abundance_spearman():
+def test_abundance_every_model_spearman_r2_and_deviance():
     rng, xy, X = _sites(seed=3)
     Y = np.column_stack(
         [np.exp(X[:, 2] + 0.2 * rng.normal(size=N)).round(), rng.poisson(3, N)]
     ).astype(float)
-    scores = evaluate_abundance(X, Y, xy, ["signal", "noise"], SETTINGS, block_size=200)
-    assert scores.per_target["signal"]["spearman"] > 0.7
-    assert abs(scores.per_target["noise"]["spearman"]) < 0.3
-
-
-def test_metrics_against_hand_values():
-    y = np.array([0, 0, 1, 1])
-    assert true_skill_statistic(y, np.array([0.1, 0.2, 0.8, 0.9])) == pytest.approx(1.0)
-    assert true_skill_statistic(y, np.array([0.9, 0.8, 0.1, 0.2])) == pytest.approx(0.0)
-    # one presence below every absence: best threshold 0.8, sensitivity 1/2, specificity 1
-    assert true_skill_statistic(y, np.array([0.3, 0.5, 0.1, 0.8])) == pytest.approx(0.5)
-    # tied scores: one threshold takes a presence and an absence together (0.5 at best)
-    tied = np.array([0.5, 0.2, 0.5, 0.9])
-    assert true_skill_statistic(y, tied) == pytest.approx(_tss_by_hand(y, tied)) == 0.5
-    bg = np.linspace(0, 1, 1000)
-    assert boyce_index(np.sqrt(np.linspace(0, 1, 500)), bg) > 0.9  # presence density ∝ suitability
-    assert boyce_index(1 - np.sqrt(np.linspace(0, 1, 500)), bg) < -0.9
-
-
-def test_boyce_index_equals_hand_reference_on_uneven_classes():
-    # background spread evenly: exactly 200 of 2000 in each of the 10 classes, so P/E ∝ the
-    # presences per class, and the index is Spearman's ρ between class and those counts; one
-    # presence below and one above the background's range count in the end classes
-    bg = (np.arange(2000) + 0.5) / 2000
-    counts = [2, 3, 1, 6, 4, 9, 7, 12, 15, 11]
-    rng = np.random.default_rng(4)
-    pres = np.concatenate(
-        [(i + rng.uniform(0.1, 0.9, n - (i in (0, 9)))) / 10 for i, n in enumerate(counts)]
-        + [[-0.5, 1.5]]
-    )
-    expected = spearmanr(np.arange(10), counts).statistic  # 0.903
-    assert boyce_index(pres, bg) == pytest.approx(expected, abs=1e-12)
-    assert _boyce_by_hand(pres, bg) == pytest.approx(expected, abs=1e-12)
-    assert boyce_index(pres[::-1] * -1 + 1, bg) == pytest.approx(-expected, abs=1e-12)
+    by_model = evaluate_abundance(X, Y, xy, ["signal", "noise"], ALL_MODELS, block_size=200)
+    assert list(by_model) == ["glm", "rf", "brt", "ensemble"]  # no MaxEnt of counts
+    for model, scores in by_model.items():
+        assert scores.per_target["signal"]["spearman"] > 0.7, model
+        assert scores.per_target["signal"]["deviance_explained"] > 0.3, model
+        assert scores.per_target["signal"]["r2"] > 0.3, model
+        assert abs(scores.per_target["noise"]["spearman"]) < 0.3, model
+        assert scores.per_target["noise"]["deviance_explained"] < 0.1, model
 
 
 def test_one_block_is_an_error():
@@ -300,9 +317,9 @@ def test_disdat_presence_only_model_matches_reference_auc(disdat):
     assert np.mean(aucs) == pytest.approx(0.783, abs=0.01)
 
 
-def test_disdat_presence_only_cv_against_sklearn_and_hand_boyce(disdat):
+def test_disdat_presence_only_cv_against_sklearn_and_ecospat_boyce(disdat):
     # evaluate_presence_only on 4 species drawn with seed 0 (of 30, for speed), 50 km blocks:
-    # its AUC equals roc_auc_score and its Boyce index the hand reference, both on
+    # its AUC equals roc_auc_score and its Boyce index the ecospat transcription, both on
     # out-of-fold scores from scikit-learn's cross_val_predict
     po, bg = disdat["po"], disdat["bg"]
     projector = fit_projector(bg[DISDAT_COVARIATES].to_numpy(float), PIPELINE)
@@ -315,13 +332,14 @@ def test_disdat_presence_only_cv_against_sklearn_and_hand_boyce(disdat):
         xy = rows[["x", "y"]].to_numpy(float)
         got = evaluate_presence_only(
             Xp, np.ones((len(Xp), 1)), xy, Xbg, bg_xy, [species], PIPELINE, block_size=50_000
-        ).per_target[species]
+        )["glm"].per_target[species]
         y = np.r_[np.ones(len(Xp), dtype=int), np.zeros(len(Xbg), dtype=int)]
         groups = spatial_blocks(np.vstack([xy, bg_xy]), 50_000)
         oof = _oof_logistic(np.vstack([Xp, Xbg]), y, groups, PIPELINE)
         assert got["auc"] == pytest.approx(roc_auc_score(y, oof), abs=1e-9)
-        assert got["boyce"] == pytest.approx(_boyce_by_hand(oof[y == 1], oof[y == 0]), abs=1e-9)
-        assert got["auc"] > 0.8 and got["boyce"] > 0.8  # measured 0.86–0.96 and 0.99–1.0
+        boyce = ecospat_boyce_reference(oof[y == 0].tolist(), oof[y == 1].tolist())
+        assert got["boyce"] == pytest.approx(boyce, abs=1e-9)
+        assert got["auc"] > 0.8 and got["boyce"] > 0.8  # measured 0.86–0.96 and 0.92–0.99
 
 
 def test_fit_projector_is_standardised_pca_of_the_background(disdat):
@@ -378,7 +396,7 @@ def butterflies_blocked(butterflies):
     b = butterflies
     return evaluate_presence_absence(
         b["X"], b["Y"], b["xy"], b["species"], PIPELINE, block_size=0.2
-    )
+    )["glm"]
 
 
 def test_butterflies_random_split_matches_reference_auc(butterflies):
@@ -405,27 +423,30 @@ def test_butterflies_spatial_blocks_score_below_site_level_cv(butterflies, butte
     b = butterflies
     sites = evaluate_presence_absence(
         b["X"], b["Y"], b["xy"], b["species"], PIPELINE, block_size=1e-3
-    )
+    )["glm"]
     assert len(np.unique(spatial_blocks(b["xy"], 1e-3))) == len(b["xy"])
     assert sites.n_targets == butterflies_blocked.n_targets == 55
     assert sites.metrics["auc"] == pytest.approx(0.864, abs=0.01)
     assert butterflies_blocked.metrics["auc"] < sites.metrics["auc"] - 0.015
 
 
-def test_butterflies_auc_and_tss_against_sklearn_and_hand(butterflies, butterflies_blocked):
+def test_butterflies_metrics_against_sklearn_and_hand(butterflies, butterflies_blocked):
     # 8 species drawn with seed 0 among those with 5–95 % prevalence (every fold then has both
-    # classes): AUC against roc_auc_score, TSS against sensitivity + specificity − 1 at the best
-    # threshold, both on cross_val_predict's out-of-fold scores
+    # classes): AUC against roc_auc_score, TSS (sensitivity + specificity − 1) and kappa
+    # (scikit-learn) of the calls at each training fold's own max-TSS threshold, COR by scipy
     b = butterflies
     groups = spatial_blocks(b["xy"], 0.2)
     prevalence = b["Y"].mean(axis=0)
     candidates = np.flatnonzero((prevalence > 0.05) & (prevalence < 0.95))
     for j in np.random.default_rng(0).choice(candidates, size=8, replace=False):
         y = b["Y"][:, j].astype(int)
-        oof = _oof_logistic(b["X"], y, groups, PIPELINE)
+        oof, calls = _oof_calls_by_hand(b["X"], y, groups, PIPELINE)
         got = butterflies_blocked.per_target[b["species"][j]]
         assert got["auc"] == pytest.approx(roc_auc_score(y, oof), abs=1e-9)
-        assert got["tss"] == pytest.approx(_tss_by_hand(y, oof), abs=1e-9)
+        tss = calls[y == 1].mean() + (~calls[y == 0]).mean() - 1
+        assert got["tss"] == pytest.approx(tss, abs=1e-9)
+        assert got["kappa"] == pytest.approx(cohen_kappa_score(y, calls), abs=1e-9)
+        assert got["cor"] == pytest.approx(pointbiserialr(y, oof).statistic, abs=1e-9)
 
 
 # --- real data: oribatid mites -----------------------------------------------------------------
@@ -452,21 +473,26 @@ def test_mite_abundance_spearman_against_scipy(mites):
     # and scikit-learn's out-of-fold ridge predictions of log(1 + count), by scipy (ρ is a rank
     # statistic: raw counts and their log rank alike)
     m = mites
-    scores = evaluate_abundance(m["X"], m["Y"], m["xy"], m["species"], PIPELINE, block_size=1.0)
+    scores = evaluate_abundance(m["X"], m["Y"], m["xy"], m["species"], PIPELINE, block_size=1.0)[
+        "glm"
+    ]
     assert scores.n_targets == 35
     groups = spatial_blocks(m["xy"], 1.0)
-    cv = GroupKFold(n_splits=min(PIPELINE.folds, len(np.unique(groups))))
+    cv = balanced_folds(groups, None, PIPELINE.folds, seed=PIPELINE.seed)
     oof = cross_val_predict(
-        Ridge(alpha=PIPELINE.alpha), m["X"], np.log1p(m["Y"]), groups=groups, cv=cv
+        Ridge(alpha=PIPELINE.model_params.alpha), m["X"], np.log1p(m["Y"]), cv=cv
     )
+    predicted = np.clip(np.expm1(oof), 0, None)  # abundances, never below zero
     for j, species in enumerate(m["species"]):
-        expected = spearmanr(m["Y"][:, j], oof[:, j]).statistic
+        expected = spearmanr(m["Y"][:, j], predicted[:, j]).statistic
         assert scores.per_target[species]["spearman"] == pytest.approx(expected, abs=1e-9)
     # the covariates carry signal (measured mean ρ 0.38); covariates shuffled across cores
     # carry none (measured −0.11; −0.15 to −0.08 over seeds 0–4)
     assert scores.metrics["spearman"] > 0.3
     shuffled = m["X"][np.random.default_rng(0).permutation(len(m["X"]))]
-    null = evaluate_abundance(shuffled, m["Y"], m["xy"], m["species"], PIPELINE, block_size=1.0)
+    null = evaluate_abundance(shuffled, m["Y"], m["xy"], m["species"], PIPELINE, block_size=1.0)[
+        "glm"
+    ]
     assert null.metrics["spearman"] < 0.1
 
 

@@ -44,7 +44,7 @@ def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     assert any(a.key == "botaclip-training-demo" for a in artifacts)  # training curve in the UI
     table = next(a for a in artifacts if a.key == "botaclip-metrics-demo")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["features"] for r in rows} == {"dofa", "botaclip", "botasp"}
+    assert {r["features"] for r in rows} == {"dofa", "botaclip", "botasp", "spectral"}
 
     # the workdir removed behind Prefect's back: the stale cache record is not trusted
     import shutil
@@ -83,6 +83,7 @@ def test_cli_runs_named_stages_without_targets(tmp_path, stages):
     assert list(report["embeddings"]) == ["dofa"]
 
 
+@pytest.mark.slow  # 53 s, four variants; test_cli.py runs an ablation in make test
 def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
     from flows.ablation import PAPER_VARIANT, SEED_VARIANT, AblationParams, ablation_flow
 

@@ -304,11 +304,12 @@ def test_int8_maps_leave_downstream_scores_unchanged(tmp_path):
         cat = load_catalog(catalog, {"embed": {"dtype": dtype}})
         report = run_region(cat, "demo", report_path=tmp_path / f"{dtype}.json")
         rows[dtype] = {
-            (r["task"], r["features"], r["metric"]): r["value"] for r in report["downstream"]
+            (r["task"], r["features"], r["model"], r["metric"]): r["value"]
+            for r in report["downstream"]
         }
     assert rows["int8"].keys() == rows["float32"].keys()
     for key, value in rows["float32"].items():
-        tolerance = 0.05 if key[2] == "boyce" else 0.01
+        tolerance = 0.05 if key[3] == "boyce" else 0.01
         assert rows["int8"][key] == pytest.approx(value, abs=tolerance), key
 
 
@@ -354,3 +355,31 @@ def test_sample_geopackage_points_with_nodata_to_csv(tmp_path):
         app, ["sample", str(store), str(tmp_path / "points.gpkg"), str(tmp_path / "o.txt")]
     )
     assert missing.exit_code == 2 and "must be .parquet or .csv" in missing.output
+
+
+def test_embed_keys_hold_the_precision_and_not_the_device(tmp_path):
+    from botaclip_core.pipeline import plan_region
+
+    catalog = load_catalog(write_demo_region(tmp_path, size="tiny"))
+
+    def keys(**embed):
+        cat = catalog.model_copy(update={"embed": catalog.embed.model_copy(update=embed)})
+        plan = plan_region(cat, "demo", ["embed"])
+        settings = plan.stages["embed-dofa"].settings
+        return plan.stages["embed-dofa"].key, plan.stages["embed"].key, settings
+
+    cpu = keys(device="cpu")
+    assert cpu[2]["precision"] == "fp32" and cpu[2]["inference"]["device"] == "cpu"
+    assert keys(device="cpu", batch_size=3)[:2] == cpu[:2]  # how, not what
+    assert keys(device="cpu", precision="fp32")[:2] == cpu[:2]
+    if not torch.cuda.is_available():
+        assert keys(device="auto")[:2] == cpu[:2]
+    # planned for GPU workers (bf16 follows the device): both maps get new keys
+    gpu = keys(device="cuda")
+    assert gpu[2]["precision"] == "bf16"
+    assert gpu[0] != cpu[0] and gpu[1] != cpu[1]
+    assert keys(device="cuda:1", batch_size=512)[:2] == gpu[:2]
+    with pytest.raises(CatalogError, match="embed.precision is bf16 but the forward runs on cpu"):
+        from botaclip_core.features import precision_context
+
+        precision_context(torch.device("cpu"), "bf16")

@@ -2,7 +2,8 @@
 
 The reference (``tests/data/golden``) was written by ``tests/data/record_pipeline_outputs.py``
 from the code as it was before stages became modules (issue 8): the image store byte for
-byte, chip features, checkpoints, embeddings and metrics value for value.
+byte, chip features, checkpoints, embeddings value for value; the metric rows were recorded
+again (``--only-downstream``) when issues 11 and 12 changed the models and the validation.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def test_outputs_equal_the_recorded_ones(tmp_path, variant):
     assert set(expected["stages"]) <= set(info["stages"])
     assert info["embeddings"] == expected["embeddings"]
     assert info.get("image_sha256") == expected.get("image_sha256")
-    got_rows = {tuple(r[:4]): r[4] for r in info["downstream"]}
-    want_rows = {tuple(r[:4]): r[4] for r in expected["downstream"]}
+    got_rows = {tuple(r[:-1]): r[-1] for r in info["downstream"]}
+    want_rows = {tuple(r[:-1]): r[-1] for r in expected["downstream"]}
     assert got_rows.keys() == want_rows.keys()
     for key, value in want_rows.items():
-        assert got_rows[key] == pytest.approx(value, abs=2e-4), key
+        if value is None:  # an undefined metric (a Boyce index with too few windows)
+            assert got_rows[key] is None, key
+        else:
+            assert got_rows[key] == pytest.approx(value, abs=2e-4), key
     assert sorted(got) == sorted(arrays)
     for name, want in arrays.items():
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -73,7 +73,8 @@ def test_keys_follow_what_each_build_reads(catalog):
         "features",
         "finetune",
     ]
-    assert changed({"downstream": {"C": 1.0}}) == ["downstream"]
+    assert changed({"downstream": {"model_params": {"C": 1.0}}}) == ["downstream"]
+    assert changed({"downstream": {"jobs": 1}}) == []  # threads: how, not what
     assert changed({"embed": {"block_tiles": 2}}) == ["downstream", "embed", "embed-dofa"]
     everything_dofa = ["downstream", "embed", "embed-dofa", "features", "finetune"]
     assert changed({"model": {"dofa": {"size": "small"}}}) == everything_dofa
@@ -152,8 +153,10 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_h
         upstream = {by_id[i.id] for i in r.task_inputs.get("wait_for", [])}
         assert upstream == set(registry.get(name).needs), name
     tile = runs["tile"]
-    branch_start, branch_end = runs["rasterize"].start_time, runs["finetune"].end_time
-    assert tile.start_time < branch_end and branch_start < tile.end_time  # at the same time
+    branch_end = runs["finetune"].end_time
+    # tile did not wait for the relevé branch (on a busy machine the tiny tiling can end
+    # before the branch's first task starts, so only this side of the overlap is certain)
+    assert tile.start_time < branch_end and tile.start_time < runs["features"].end_time
     # concurrency changed nothing: the same metrics as the in-process, one-at-a-time run
     sequential = run_region(load_catalog(write_demo_region(tmp_path / "seq", size="tiny")), "demo")
     assert report["downstream"] == sequential["downstream"]

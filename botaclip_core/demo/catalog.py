@@ -38,6 +38,7 @@ _CATALOG_COMMENTS: dict[tuple[str, ...], str] = {
     ("workdir",): "artifact store: every stage writes under <workdir>/<stage>/<key>/",
     ("regions", "demo", "bounds"): "left, bottom, right, top: exactly the 224-px tile lattice",
     ("regions", "demo", "orthophotos"): "sheets overlap by 20 px; nodata = 0 (from the files)",
+    ("regions", "demo", "schedule"): "`botaclip deploy` runs the pipeline at 03:00 on every 1st",
     ("datasets", "releves"): "relevés: plot × species with Braun-Blanquet cover (%)",
     ("datasets", "plants"): "plant presence/absence surveys, away from the relevés",
     ("datasets", "butterflies"): "butterfly presence-only records, lon/lat in a CSV",
@@ -81,6 +82,7 @@ def _region(preset: DemoSize) -> dict[str, Any]:
         },
         "releves": "releves",
         "targets": ["plants", "butterflies", "soil"],
+        "schedule": {"cron": "0 3 1 * *", "timezone": "Europe/Paris"},
     }
 
 
@@ -132,13 +134,29 @@ def _training(size: str) -> dict[str, Any]:
             # CPU everywhere: the tiny demo's figures (and the tests built on it) are then the
             # same on a GPU machine as on a laptop
             "finetune": {"epochs": 5, "batch_size": 16, "augment_views": 1, "device": "cpu"},
-            "downstream": {"folds": 3, "n_background": 100, "min_presences": 3},
+            "embed": {"device": "cpu"},
+            "downstream": {
+                "folds": 3,
+                "n_background": 100,
+                "min_presences": 3,
+                # the tests run this demo many times: the two quick models (the default demo and
+                # tests/test_downstream_stage.py fit all five), 100 bootstrap resamples
+                "models": ["glm", "maxent"],
+                "random_cv_models": ["glm"],
+                "model_params": {"rf_trees": 25, "brt_iterations": 25, "brt_learning_rate": 0.2},
+                "bootstrap": 100,
+            },
         }
     return {
         "model": {"dofa": {"size": "base", "weights": None}},
         # DOFA-Base runs at ~2.5 tiles/s on 2 CPU cores: one view per plot keeps the demo's
         # forward passes (144 region tiles + 240 plot chips) near 2.5 minutes
         "finetune": {"epochs": 40, "augment_views": 1},
+        # every species × fold × feature source × model is a fit: smaller forests and boosting
+        # than the benchmark-grade defaults keep the stage near 3 minutes on 2 cores
+        "downstream": {
+            "model_params": {"rf_trees": 100, "brt_iterations": 100, "brt_learning_rate": 0.05}
+        },
     }
 
 

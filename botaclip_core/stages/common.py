@@ -75,20 +75,38 @@ class BackboneSettings(StrictModel):
 
 
 class InferenceRuntime(StrictModel):
-    """Where and how inference runs: no effect on the embeddings."""
+    """Where and how inference runs: no effect on the embeddings.
 
-    batch_size: int = 8
+    ``batch_size`` None is the device's default (8 on the CPU, 256 for DOFA-Base on CUDA);
+    ``device`` is resolved where the forward runs (a Dask worker), ``auto`` picking CUDA there.
+    """
+
+    batch_size: int | None = 8
+    device: str = "auto"
     dask: DaskSettings = DaskSettings()
 
 
 def inference_runtime(ctx: PlanContext) -> InferenceRuntime:
     """The catalog's inference runtime settings."""
-    return InferenceRuntime(batch_size=ctx.catalog.embed.batch_size, dask=ctx.catalog.dask)
+    embed = ctx.catalog.embed
+    return InferenceRuntime(batch_size=embed.batch_size, device=embed.device, dask=ctx.catalog.dask)
 
 
 def inference_field() -> Any:
     """A runtime settings field holding an :class:`InferenceRuntime`."""
-    return runtime(InferenceRuntime(), "Batch size and Dask cluster of the forward passes.")
+    return runtime(InferenceRuntime(), "Batch size, device and Dask cluster of the forward passes.")
+
+
+def embed_precision(ctx: PlanContext) -> str:
+    """The precision the maps are computed in (``fp32``, ``bf16``): part of their key.
+
+    ``embed.precision: auto`` is bf16 when ``embed.device`` is CUDA (or ``auto`` on a machine
+    with a GPU), fp32 otherwise. The device itself stays out of the key.
+    """
+    from botaclip_core.features import plan_precision
+
+    embed = ctx.catalog.embed
+    return plan_precision(embed.device, embed.precision)
 
 
 def weights_path(files: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from botaclip_core.stages.common import (
     BackboneSettings,
     InferenceRuntime,
     MapSettings,
+    embed_precision,
     inference_field,
     inference_runtime,
     preview_path,
@@ -25,6 +26,7 @@ class EmbedSettings(StageSettings):
 
     backbone: BackboneSettings
     map: MapSettings
+    precision: str = "fp32"
     inference: InferenceRuntime = inference_field()
 
 
@@ -40,7 +42,10 @@ class EmbedOutput(StageOutput):
 def settings(ctx: PlanContext) -> EmbedSettings:
     """The catalog's backbone and embedding settings."""
     return EmbedSettings(
-        backbone=BackboneSettings.of(ctx), map=MapSettings.of(ctx), inference=inference_runtime(ctx)
+        backbone=BackboneSettings.of(ctx),
+        map=MapSettings.of(ctx),
+        precision=embed_precision(ctx),
+        inference=inference_runtime(ctx),
     )
 
 
@@ -68,6 +73,7 @@ def build(settings: EmbedSettings, inputs: StageInputs, out_dir: Path) -> EmbedO
             layout=settings.map,
             inference=settings.inference,
             attrs={**attrs, "source": "botaclip"},
+            precision=settings.precision,
         )
     if trained.botasp:
         from botaclip_core.botasp import load_botasp_adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from botaclip_core.stages.common import (
     BackboneSettings,
     InferenceRuntime,
     MapSettings,
+    embed_precision,
     inference_field,
     inference_runtime,
     preview_path,
@@ -21,10 +23,11 @@ from botaclip_core.stages.tile import TileOutput
 
 
 class EmbedDofaSettings(StageSettings):
-    """The backbone and the layout and storage of the embedding map."""
+    """The backbone, its precision, and the layout and storage of the embedding map."""
 
     backbone: BackboneSettings
     map: MapSettings
+    precision: str = "fp32"
     inference: InferenceRuntime = inference_field()
 
 
@@ -40,6 +43,7 @@ class EmbedDofaOutput(StageOutput):
     blocks: int
     blocks_run: int
     tiles_embedded: int
+    precision: str = "fp32"
     preview: str | None = None
     features: str | None = None
 
@@ -52,7 +56,10 @@ class EmbedDofaOutput(StageOutput):
 def settings(ctx: PlanContext) -> EmbedDofaSettings:
     """The catalog's backbone and embedding settings."""
     return EmbedDofaSettings(
-        backbone=BackboneSettings.of(ctx), map=MapSettings.of(ctx), inference=inference_runtime(ctx)
+        backbone=BackboneSettings.of(ctx),
+        map=MapSettings.of(ctx),
+        precision=embed_precision(ctx),
+        inference=inference_runtime(ctx),
     )
 
 
@@ -75,6 +82,7 @@ def embed_image(
     layout: MapSettings,
     inference: InferenceRuntime,
     attrs: dict[str, Any],
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], Path]:
     """Backbone features of every covered window, then the map ``out`` in ``layout.dtype``.
 
@@ -89,10 +97,6 @@ def embed_image(
     from botaclip_core.embed import BackboneSpec, embed_region, transform_embeddings
     from botaclip_core.models.dofa import DOFA_SIZES
 
-    # torch threads per local worker: the cores shared among them (Dask sets 1 by default)
-    threads = None
-    if not inference.dask.address:
-        threads = max(1, (os.cpu_count() or 1) // local_workers(inference.dask))
     spec = BackboneSpec(
         size=backbone.size,
         weights=weights,
@@ -101,11 +105,16 @@ def embed_image(
         mean=tuple(backbone.mean),
         std=tuple(backbone.std),
         batch_size=inference.batch_size,
-        torch_threads=threads,
+        device=inference.device,
+        precision=precision,
     )
+    # torch threads per local worker: the cores shared among them (Dask sets 1 by default)
+    if not inference.dask.address and not spec.wants_gpu:
+        threads = max(1, (os.cpu_count() or 1) // local_workers(inference.dask))
+        spec = dataclasses.replace(spec, torch_threads=threads)
     attrs = {**attrs, "dofa_size": backbone.size}
     features = out if layout.dtype == "float32" else float32_path(out)
-    with compute_client(inference.dask) as client:
+    with compute_client(inference.dask, gpu=spec.wants_gpu) as client:
         result = embed_region(
             image_zarr,
             features,
@@ -139,6 +148,7 @@ def build(settings: EmbedDofaSettings, inputs: StageInputs, out_dir: Path) -> Em
         layout=settings.map,
         inference=settings.inference,
         attrs={"source": "dofa", "dofa_weights": weights or "random"},
+        precision=settings.precision,
     )
     preview = write_preview(published, preview_path(published))
     return EmbedDofaOutput(
@@ -156,7 +166,7 @@ def report(output: EmbedDofaOutput) -> dict[str, Any]:
 
 STAGE = Stage(
     name="embed-dofa",
-    version="2",  # 2: keyed on the image store's content, not its storage settings
+    version="3",  # 3: keyed on the precision (fp32 on CPUs, bf16 on GPUs by default)
     needs=("tile",),
     settings_type=EmbedDofaSettings,
     settings=settings,

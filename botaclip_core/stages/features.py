@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from botaclip_core.errors import StageError
+from botaclip_core.progress import track
 from botaclip_core.stages.base import Stage, StageInputs, StageOutput, StageSettings
 from botaclip_core.stages.common import (
     BackboneSettings,
@@ -20,6 +24,7 @@ from botaclip_core.stages.common import (
 )
 from botaclip_core.stages.context import PlanContext
 from botaclip_core.stages.rasterize import RasterizeOutput
+from botaclip_core.store import atomic_save_npy, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +76,18 @@ def inputs(ctx: PlanContext) -> dict[str, Any]:
     return {"orthophotos": ctx.orthophoto_inputs(), "weights": ctx.weights_input()}
 
 
+GROUPS_DIR = "groups"
+# chips per group: bounds memory, and what a kill can lose (settings only: reruns agree)
+CHIPS_PER_GROUP = 64
+
+
 def build(settings: FeaturesSettings, inputs: StageInputs, out_dir: Path) -> FeaturesOutput:
-    """Encode every view of every relevé plot that falls on valid orthophoto pixels."""
+    """Encode every view of every relevé plot that falls on valid orthophoto pixels.
+
+    Plots are encoded in groups; each finished group is written atomically to
+    ``out_dir/groups/`` and skipped by a rerun, so a killed run loses at most one group and
+    resumes with features equal to an uninterrupted run's.
+    """
     from botaclip_core.chips import draw_augmentations
     from botaclip_core.features import encode_tiles, load_backbone
 
@@ -81,56 +96,152 @@ def build(settings: FeaturesSettings, inputs: StageInputs, out_dir: Path) -> Fea
     )
     backbone = settings.backbone
     reader = settings.chips.reader(inputs.files, backbone.tile_size)
-    rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
-    plots = _plots_on_valid_pixels(reader, rows, cols)
-    model = load_backbone(backbone.size, weights_path(inputs.files), backbone.seed)
-    views = settings.views
-    feats = np.zeros((len(plots), views, int(model.embed_dim)), dtype=np.float32)
-    mean, std = np.asarray(backbone.mean, np.float32), np.asarray(backbone.std, np.float32)
-    group = max(1, 64 // views)  # plots per forward group: bounded memory, progress in the log
-    for start in range(0, len(plots), group):
-        chips = [
-            reader.read(int(rows[idx]), int(cols[idx]), aug)
-            for idx in plots[start : start + group]
-            for aug in draw_augmentations(
-                views, seed=settings.seed * 1_000_003 + int(idx), max_shift=settings.max_shift
+    try:
+        rows, cols = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
+        plots = _plots_on_valid_pixels(reader, rows, cols, settings.releves)
+        if _finished_earlier(out_dir, plots, settings.views):
+            logger.info("features: all %d plots were encoded by an earlier run", len(plots))
+            return _output(out_dir, len(plots), settings.views)
+        model = load_backbone(backbone.size, weights_path(inputs.files), backbone.seed)
+        views, dim = settings.views, int(model.embed_dim)
+        mean, std = np.asarray(backbone.mean, np.float32), np.asarray(backbone.std, np.float32)
+        group = max(1, CHIPS_PER_GROUP // views)
+        starts = range(0, len(plots), group)
+        groups = out_dir / GROUPS_DIR
+        groups.mkdir(exist_ok=True)
+        feats = np.zeros((len(plots), views, dim), dtype=np.float32)
+        todo = []
+        for start in starts:
+            done = _load_group(groups, start, plots[start : start + group], (views, dim))
+            if done is None:
+                todo.append(start)
+            else:
+                feats[start : start + group] = done
+        if len(todo) < len(starts):
+            logger.info(
+                "features: %d of %d groups of plots done earlier, %d to do",
+                len(starts) - len(todo),
+                len(starts),
+                len(todo),
             )
-        ]
-        out = encode_tiles(
-            model,
-            np.stack(chips),
-            backbone.wavelengths_um,
-            mean,
-            std,
-            batch_size=settings.inference.batch_size,
-        )
-        feats[start : start + group] = out.reshape(-1, views, out.shape[1])
-        logger.info("features: %d / %d plots encoded", min(start + group, len(plots)), len(plots))
-    reader.close()
-    np.save(out_dir / "features.npy", feats)
-    np.save(out_dir / "plots.npy", plots)
+        with track("features", total=len(plots), unit="plots") as progress:
+            progress.advance(len(plots) - sum(len(plots[s : s + group]) for s in todo))
+            for start in todo:
+                members = plots[start : start + group]
+                chips = [
+                    reader.read(int(rows[idx]), int(cols[idx]), aug)
+                    for idx in members
+                    for aug in draw_augmentations(
+                        views,
+                        seed=settings.seed * 1_000_003 + int(idx),
+                        max_shift=settings.max_shift,
+                    )
+                ]
+                out = encode_tiles(
+                    model,
+                    np.stack(chips),
+                    backbone.wavelengths_um,
+                    mean,
+                    std,
+                    batch_size=settings.inference.batch_size,
+                )
+                feats[start : start + group] = out.reshape(-1, views, out.shape[1])
+                _save_group(groups, start, members, feats[start : start + group])
+                progress.advance(len(members))
+                logger.info(
+                    "features: %d / %d plots encoded", min(start + group, len(plots)), len(plots)
+                )
+    finally:
+        reader.close()
+    atomic_save_npy(out_dir / "features.npy", feats)
+    atomic_save_npy(out_dir / "plots.npy", plots)
+    # the whole result is on disk (a rerun before the manifest is written reuses it)
+    shutil.rmtree(groups, ignore_errors=True)
+    return _output(out_dir, len(plots), views)
+
+
+def _output(out_dir: Path, n_plots: int, views: int) -> FeaturesOutput:
     return FeaturesOutput(
         features=str(out_dir / "features.npy"),
         plots=str(out_dir / "plots.npy"),
-        n_plots=len(plots),
+        n_plots=n_plots,
         views=views,
     )
 
 
-def _plots_on_valid_pixels(reader: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _finished_earlier(out_dir: Path, plots: np.ndarray, views: int) -> bool:
+    """Whether a killed run wrote the whole result (both files, atomically) before its manifest."""
+    try:
+        saved = np.load(out_dir / "plots.npy", allow_pickle=False)
+        feats = np.load(out_dir / "features.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return np.array_equal(saved, plots) and feats.shape[:2] == (len(plots), views)
+
+
+def _group_path(groups: Path, start: int) -> Path:
+    return groups / f"plots-{start:07d}.npz"
+
+
+def _save_group(groups: Path, start: int, plots: np.ndarray, features: np.ndarray) -> None:
+    """Write one finished group (its plot indices and features) atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, plots=plots, features=features)
+    atomic_write_bytes(_group_path(groups, start), buffer.getvalue())
+
+
+def _load_group(
+    groups: Path, start: int, plots: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray | None:
+    """The features of a group finished by an earlier run, or None if it must be encoded.
+
+    A group whose plots or feature shape differ (another relevé table under the same key cannot
+    happen, but a file from another version can) is encoded again.
+    """
+    path = _group_path(groups, start)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            saved_plots, features = data["plots"], data["features"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("features: %s is unreadable (%s); encoding that group again", path, exc)
+        return None
+    if not np.array_equal(saved_plots, plots) or features.shape != (len(plots), *shape):
+        logger.warning("features: %s holds other plots; encoding that group again", path)
+        return None
+    return np.asarray(features, dtype=np.float32)
+
+
+def _plots_on_valid_pixels(
+    reader: Any, rows: np.ndarray, cols: np.ndarray, releves: str
+) -> np.ndarray:
     """Indices of the plots whose centre pixel is valid orthophoto data.
 
     Raises:
         StageError: if fewer than :data:`MIN_VALID_PLOTS` are.
     """
     keep = np.array(
-        [reader.read_with_mask(int(r), int(c), 1)[1][0, 0] for r, c in zip(rows, cols, strict=True)]
+        [
+            reader.read_with_mask(int(r), int(c), 1)[1][0, 0]
+            for r, c in zip(rows, cols, strict=True)
+        ],
+        dtype=bool,
     )
     if keep.sum() < MIN_VALID_PLOTS:
         raise StageError(
-            f"only {int(keep.sum())} of {len(rows)} relevé plots fall on valid orthophoto pixels; "
-            f"BotaCLIP needs at least {MIN_VALID_PLOTS}. Check the relevés' CRS and the "
-            "orthophoto coverage."
+            f"datasets.{releves}: only {int(keep.sum())} of {len(rows)} relevé plots fall on "
+            f"valid orthophoto pixels (the others on nodata or outside every sheet); BotaCLIP "
+            f"needs at least {MIN_VALID_PLOTS}. Check datasets.{releves}.crs and that the "
+            "orthophotos cover the plots."
+        )
+    if not keep.all():
+        logger.warning(
+            "features: %d of %d relevé plots of datasets.%s fall on orthophoto nodata and are "
+            "dropped from training",
+            int((~keep).sum()),
+            len(keep),
+            releves,
         )
     return np.flatnonzero(keep)
 

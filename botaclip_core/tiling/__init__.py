@@ -2,7 +2,7 @@
 
 from botaclip_core.tiling.image_store import covered_blocks, open_image
 from botaclip_core.tiling.records import RECORDS_SUFFIX, records_dir
-from botaclip_core.tiling.sources import aligned_offset, region_grid_for_sources
+from botaclip_core.tiling.sources import aligned_offset, check_orthophotos, region_grid_for_sources
 from botaclip_core.tiling.tile import (
     DEFAULT_SHARD_BLOCKS,
     DEFAULT_ZSTD_LEVEL,
@@ -20,6 +20,7 @@ __all__ = [
     "RESAMPLING_METHODS",
     "TilingResult",
     "aligned_offset",
+    "check_orthophotos",
     "covered_blocks",
     "open_image",
     "records_dir",

@@ -186,6 +186,73 @@ def _inspect_source(
         )
 
 
+def check_same_dtype(infos: Sequence[_Source]) -> None:
+    """Raise unless every source has one data type (tiles and normalisation assume one).
+
+    Raises:
+        InputDataError: naming the files of each data type.
+    """
+    by_dtype: dict[str, list[str]] = {}
+    for info in infos:
+        by_dtype.setdefault(info.dtype, []).append(Path(info.path).name)
+    if len(by_dtype) > 1:
+        listed = "; ".join(
+            f"{dtype}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for dtype, names in sorted(by_dtype.items(), key=lambda kv: len(kv[1]))
+        )
+        raise InputDataError(
+            f"orthophotos: the sheets have different data types ({listed}); the model's "
+            "normalisation assumes one. Convert them to one type (e.g. `gdal_translate -ot Byte "
+            "-scale 0 65535 0 255 IN OUT`), or give each type its own region."
+        )
+
+
+def _check_readable(ds: Any, path: Path) -> None:
+    """Read the last internal block of every band: a truncated file fails here, not mid-run."""
+    bh, bw = ds.block_shapes[0]
+    row, col = (ds.height - 1) // bh * bh, (ds.width - 1) // bw * bw
+    window = Window(col, row, min(bw, ds.width - col), min(bh, ds.height - row))
+    try:
+        ds.read(window=window)
+    except (RasterioIOError, OSError) as exc:
+        raise InputDataError(
+            f"{path}: the raster cannot be read to its end ({str(exc).strip()[:200]}); the file "
+            "looks truncated or corrupt. Copy or download it again (check its size against the "
+            "source), or remove it from regions.<region>.orthophotos.paths."
+        ) from None
+
+
+def check_orthophotos(
+    sources: Sequence[Path], grid: RegionGrid, bands: list[str], nodata: float | None
+) -> None:
+    """Check a region's orthophotos before any stage runs: the errors tiling would hit later.
+
+    Each file must open, be readable to its end, have a CRS and one band per catalog band;
+    the files must share a data type, and at least one must intersect the grid.
+
+    Raises:
+        InputDataError: an unreadable or truncated file, a band-count mismatch, mixed data
+            types, or no file intersecting the region.
+        CRSMismatchError: a file without CRS.
+    """
+    infos = []
+    for path in sources:
+        infos.append(_inspect_source(Path(path), grid, bands, nodata))
+        with _open_source(path) as ds:
+            _check_readable(ds, Path(path))
+    check_same_dtype(infos)
+    left, bottom, right, top = grid.bounds
+    if not any(
+        f[0] < right and f[2] > left and f[1] < top and f[3] > bottom
+        for f in (i.footprint for i in infos)
+    ):
+        raise InputDataError(
+            f"orthophotos: none of the {len(infos)} orthophotos ({infos[0].path}, ...) "
+            f"intersects the region grid ({grid.crs}, bounds {tuple(round(b, 1) for b in grid.bounds)}). "
+            "Check regions.<region>.bounds and crs, and the files' CRS."
+        )
+
+
 def _cache_tile_shape(ds: Any) -> tuple[int, int]:
     """Whole internal blocks, at least _MIN_TILE_SIDE on a side, no larger than the raster."""
     bh, bw = ds.block_shapes[0]

@@ -17,7 +17,13 @@ from botaclip_core.grid import RegionGrid
 from botaclip_core.tiling.blocks import _candidate_blocks, _Job, _shard_ids
 from botaclip_core.tiling.image_store import _consolidate, _prepare_store
 from botaclip_core.tiling.records import records_dir
-from botaclip_core.tiling.sources import _fingerprint, _inspect_source, _order_sources, _Source
+from botaclip_core.tiling.sources import (
+    _fingerprint,
+    _inspect_source,
+    _order_sources,
+    _Source,
+    check_same_dtype,
+)
 from botaclip_core.tiling.tasks import _group_tasks, _run_wave, _waves
 from botaclip_core.tiling.tile_cache import _TILES
 
@@ -136,6 +142,7 @@ def tile_orthophotos(
     )
     out = Path(out)
     infos = [_inspect_source(Path(p), grid, bands, nodata) for p in sources]
+    check_same_dtype(infos)
     infos = _order_sources(infos, precedence)
     dtype = np.result_type(*[np.dtype(s.dtype) for s in infos]).name
     n_bcols = math.ceil(grid.width / tile_size)

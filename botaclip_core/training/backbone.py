@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from botaclip_core.models.dofa import DOFA
 from botaclip_core.models.heads import ReleveEncoder, apply_lora, merge_lora, set_trainable_blocks
 from botaclip_core.regularizers import build_regularizer
 from botaclip_core.seeding import seeded
+from botaclip_core.store import replace_durably, temporary_path
 from botaclip_core.training.data import releve_input, split_plots
 from botaclip_core.training.loop import (
     BACKBONE,
@@ -242,9 +242,9 @@ class _BackboneRun:
     def save_best(self) -> None:
         export = copy.deepcopy(self.model.dofa).cpu()
         merge_lora(export)
-        tmp = self.out_dir / f".{BACKBONE}.tmp"
+        tmp = temporary_path(self.out_dir / BACKBONE)
         save_dofa(export, tmp, format="torchgeo")
-        os.replace(tmp, self.out_dir / BACKBONE)
+        replace_durably(tmp, self.out_dir / BACKBONE)
         heads = {
             f"{name}.{key}": value
             for name in ("releve_encoder", "loss")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from botaclip_core.store import atomic_write_text, replace_durably, temporary_path
+
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 
@@ -30,7 +32,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -43,5 +45,8 @@ def write_history(history: list[dict[str, float]], out_dir: Path, *, stem: str =
         stem: Prefix of both file names.
 
     """
-    (out_dir / f"{stem}{HISTORY}").write_text(json.dumps(history, indent=1))
-    plot_history(history, out_dir / f"{stem}{CURVE}")
+    atomic_write_text(out_dir / f"{stem}{HISTORY}", json.dumps(history, indent=1))
+    curve = out_dir / f"{stem}{CURVE}"
+    tmp = temporary_path(curve)
+    plot_history(history, tmp)
+    replace_durably(tmp, curve)

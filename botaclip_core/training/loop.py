@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from botaclip_core.catalog import FinetuneSettings
 from botaclip_core.errors import StageError
+from botaclip_core.store import replace_durably, temporary_path
 from botaclip_core.training.curves import CURVE, write_history
 
 logger = logging.getLogger(__name__)
@@ -29,16 +29,20 @@ _RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "botasp"})
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename it over ``path``.
+    """``torch.save`` to a temporary file, flush it to disk, then rename it over ``path``.
 
     Args:
         obj: What to save.
         path: Destination; never left half-written.
 
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        torch.save(obj, tmp)
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cpu_state(module: nn.Module) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -173,6 +173,33 @@ class PixelBatches:
 
     def __call__(self, rows: np.ndarray, augs: Sequence[Augmentation] | None) -> Tensor:
         """Images of plots ``rows``; ``augs`` is indexed by plot (None: plain centre window)."""
+        return self._on_device(torch.from_numpy(self._crops(rows, augs)), rows, augs)
+
+    def stream(
+        self,
+        batches: Sequence[np.ndarray],
+        augs: Sequence[Augmentation] | None,
+        *,
+        depth: int = 2,
+    ) -> Iterator[Tensor]:
+        """The images of each batch of rows in turn, cut ahead on a thread (the embed feeding path).
+
+        The crops of the next ``depth`` batches are cut, flipped and rotated on a loader thread
+        while the device trains on the current one; on CUDA they wait in pinned memory, so that
+        the copy to the device does not block. Each batch equals ``self(rows, augs)``.
+        """
+        from botaclip_core.feeding import prefetch
+
+        pin = self.device.type == "cuda"
+
+        def load(rows: np.ndarray) -> Tensor:
+            host = torch.from_numpy(self._crops(rows, augs))
+            return host.pin_memory() if pin else host
+
+        for rows, host in prefetch(batches, load, workers=1, depth=depth):
+            yield self._on_device(host, rows, augs)
+
+    def _crops(self, rows: np.ndarray, augs: Sequence[Augmentation] | None) -> np.ndarray:
         if augs is None:
             m, s = self.margin, self.size
             crops = np.ascontiguousarray(self.chips[rows][:, :, m : m + s, m : m + s])
@@ -185,10 +212,15 @@ class PixelBatches:
             )
         if crops.dtype == np.uint16 or crops.dtype == np.uint32:  # torch lacks most uint16 ops
             crops = crops.astype(np.int64 if crops.dtype == np.uint32 else np.int32)
-        x = torch.from_numpy(crops).to(self.device, non_blocking=True).float()
+        return crops
+
+    def _on_device(
+        self, host: Tensor, rows: np.ndarray, augs: Sequence[Augmentation] | None
+    ) -> Tensor:
+        x = host.to(self.device, non_blocking=True).float()
         if augs is not None:
             factor = torch.tensor([augs[i].brightness for i in rows], dtype=torch.float32)
-            factor = factor.to(self.device).view(-1, 1, 1, 1)
+            factor = factor.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
             # nodata (0) stays nodata, and valid pixels stay valid and in the data type's range
             x = torch.where(x > 0, (x * factor).clamp(1.0, self.top), x)
         return (x - self.mean) / self.std

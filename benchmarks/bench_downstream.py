@@ -1,0 +1,121 @@
+"""Species models on real benchmarks: NCEAS Switzerland and the butterflies of Great Britain.
+
+Runs ``botaclip sdm-benchmark`` on ``../shared/realdata/disdat_swi`` (region SWI: presence-only
+training records + background, scored on the independent presence/absence sites) with the
+default model, ``glm`` and ``rf``, and a spatially blocked presence/absence evaluation of every
+model on ``../shared/realdata/butterflies_gb`` (blocks of 0.2 in the data's rescaled coordinates,
+about 200 km). Prints one JSON line with the mean AUC of each.
+
+``--select`` instead runs the choice of the default model: spatially blocked cross-validation on
+the SWI *training* data only (each species' presences against the background, 50 km blocks),
+every model, and prints the mean held-out AUC of each. The test sites play no part in it.
+
+    python benchmarks/bench_downstream.py [--realdata ../shared/realdata] [--select]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from botaclip_core.catalog import DownstreamSettings  # noqa: E402
+from botaclip_core.downstream import (  # noqa: E402
+    evaluate_presence_absence,
+    evaluate_presence_only,
+    fit_projector,
+)
+from botaclip_core.sdm.benchmark import load_benchmark  # noqa: E402
+from botaclip_core.sdm.models import DEFAULT_MODEL, MODEL_NAMES, ModelParams  # noqa: E402
+
+
+def sdm_benchmark(folder: Path, region: str, model: str, out: Path, jobs: int) -> dict:
+    """The CLI entry point as a user runs it; its one JSON line."""
+    cmd = [sys.executable, "-m", "flows.cli", "sdm-benchmark", str(folder), "--region", region]
+    cmd += ["--model", model, "--out", str(out / f"{region}-{model}.csv"), "--jobs", str(jobs)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def butterflies(folder: Path, jobs: int) -> dict[str, float]:
+    """Every model on the 55 species, 200 km blocks, features the 4 projected covariates."""
+    env = pd.read_csv(folder / "env.csv").to_numpy(float)
+    pa = pd.read_csv(folder / "pa.csv")
+    xy = pd.read_csv(folder / "xy.csv").to_numpy(float)
+    settings = DownstreamSettings(model_params=ModelParams(), jobs=jobs)
+    X = fit_projector(env, settings).transform(env)
+    by_model = evaluate_presence_absence(
+        X, pa.to_numpy(float), xy, list(pa.columns), settings, block_size=0.2
+    )
+    return {m: round(s.metrics["auc"], 4) for m, s in by_model.items()}
+
+
+def select(folder: Path, jobs: int, n_species: int, folds: int) -> dict[str, float]:
+    """Spatially blocked CV on the SWI training data: each model's mean held-out AUC."""
+    bench = load_benchmark(folder, "SWI")
+    po = pd.read_csv(folder / "SWItrain_po.csv")
+    bg = pd.read_csv(folder / "SWItrain_bg.csv")
+    settings = DownstreamSettings(model_params=ModelParams(), jobs=jobs, folds=folds)
+    aucs: dict[str, list[float]] = {m: [] for m in MODEL_NAMES}
+    bg_xy = bg[["x", "y"]].to_numpy(float)
+    for species, pres in sorted(bench.presences.items())[:n_species]:
+        xy = po.loc[po["spid"].astype(str) == species, ["x", "y"]].to_numpy(float)
+        by_model = evaluate_presence_only(
+            pres,
+            np.ones((len(pres), 1)),
+            xy,
+            bench.background,
+            bg_xy,
+            [species],
+            settings,
+            block_size=50_000,
+        )
+        for m, s in by_model.items():
+            aucs[m].append(s.metrics["auc"])
+        print(species, {m: round(v[-1], 3) for m, v in aucs.items()}, file=sys.stderr)
+    return {m: round(float(np.mean(v)), 4) for m, v in aucs.items()}
+
+
+def main() -> None:
+    """Print one JSON line of figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--realdata", type=Path, default=ROOT.parent / "shared" / "realdata")
+    parser.add_argument("--select", action="store_true", help="CV on training data only.")
+    parser.add_argument("--jobs", type=int, default=2, help="Threads (forests, species).")
+    parser.add_argument("--species", type=int, default=30, help="--select: the first N species.")
+    parser.add_argument("--folds", type=int, default=5, help="--select: folds of the CV.")
+    args = parser.parse_args()
+    swi = args.realdata / "disdat_swi"
+    started = time.perf_counter()
+    if args.select:
+        result = {
+            "cv_on_training_mean_auc": select(swi, args.jobs, args.species, args.folds),
+            "species": args.species,
+            "folds": args.folds,
+        }
+    else:
+        result: dict = {"swi": {}}
+        with tempfile.TemporaryDirectory() as out:
+            for model in dict.fromkeys([DEFAULT_MODEL, "glm", "rf"]):
+                line = sdm_benchmark(swi, "SWI", model, Path(out), args.jobs)
+                result["swi"][model] = {"mean_auc": line["mean_auc"], "seconds": line["seconds"]}
+        result["default_model"] = DEFAULT_MODEL
+        result["butterflies_blocked_mean_auc"] = butterflies(
+            args.realdata / "butterflies_gb", args.jobs
+        )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Species distribution models: the models, the field's metrics, and NCEAS-style benchmarks."""

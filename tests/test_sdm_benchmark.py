@@ -1,0 +1,145 @@
+"""`botaclip sdm-benchmark` on NCEAS-layout folders: the real Swiss data and constructed cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from botaclip_core.sdm.benchmark import load_benchmark, run_benchmark
+from botaclip_core.sdm.models import ModelParams
+from flows.cli import app
+
+META = ["siteid", "spid", "x", "y", "occ", "group"]
+
+
+def _subset(realdata: Path, out: Path, *, species: list[str], n_bg: int, n_test: int) -> Path:
+    """A smaller SWI region (the real tables, fewer rows) with a categorical covariate added.
+
+    ``soil`` is a made-up class of the ``calc`` covariate (0/1 in the data) crossed with the
+    sign of ``topo``: four levels as strings, as categorical columns arrive in CSV files.
+    """
+    src = realdata / "disdat_swi"
+    po = pd.read_csv(src / "SWItrain_po.csv")
+    bg = pd.read_csv(src / "SWItrain_bg.csv").iloc[:n_bg]
+    rows = np.sort(np.random.default_rng(0).permutation(10013)[:n_test])  # sites seeded at random
+    pa = pd.read_csv(src / "SWItest_pa.csv").iloc[rows]
+    env = pd.read_csv(src / "SWItest_env.csv").iloc[rows]
+    po = po[po["spid"].isin(species)]
+
+    def soil(frame: pd.DataFrame) -> pd.Series:
+        return "c" + frame["calc"].astype(str) + np.where(frame["topo"] > 0, "-up", "-down")
+
+    for frame in (po, bg, env):
+        frame["soil"] = soil(frame)
+    pa = pa[["group", "siteid", "x", "y", *species]]
+    out.mkdir()
+    po.to_csv(out / "SUBtrain_po.csv", index=False)
+    bg.to_csv(out / "SUBtrain_bg.csv", index=False)
+    pa.to_csv(out / "SUBtest_pa.csv", index=False)
+    env.to_csv(out / "SUBtest_env.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def subset(realdata, tmp_path_factory):
+    return _subset(
+        realdata,
+        tmp_path_factory.mktemp("sdm") / "sub",
+        species=["swi01", "swi02", "swi12"],
+        n_bg=3000,
+        n_test=4000,
+    )
+
+
+def test_glm_benchmark_equals_scikit_learn_by_hand(subset, tmp_path, monkeypatch):
+    # the CLI as a user runs it, from another folder: one JSON line, the table in the cwd
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in subset.iterdir())
+    result = CliRunner().invoke(
+        app,
+        [
+            "sdm-benchmark",
+            str(subset),
+            "--region",
+            "SUB",
+            "--model",
+            "glm",
+            "--categorical",
+            "soil",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    assert set(line) == {"region", "model", "n_species", "mean_auc", "mean_cor", "seconds"}
+    assert (line["region"], line["model"], line["n_species"]) == ("SUB", "glm", 3)
+    assert sorted(p.name for p in subset.iterdir()) == before  # nothing written into DIR
+    table = pd.read_csv(tmp_path / "sdm-SUB-glm.csv")
+    assert list(table["species"]) == ["swi01", "swi02", "swi12"]
+
+    # by hand: the training columns the test table also has, soil one-hot (pandas), z-scores of
+    # the training data, balanced L2 logistic regression (C 0.1), AUC on the test sites
+    po = pd.read_csv(subset / "SUBtrain_po.csv")
+    bg = pd.read_csv(subset / "SUBtrain_bg.csv")
+    env = pd.read_csv(subset / "SUBtest_env.csv")
+    pa = pd.read_csv(subset / "SUBtest_pa.csv")
+    covariates = [c for c in po.columns if c not in META]
+    train = pd.get_dummies(pd.concat([po, bg])[covariates], columns=["soil"], dtype=float)
+    test = pd.get_dummies(env[covariates], columns=["soil"], dtype=float)[train.columns]
+    mean, sd = train.to_numpy().mean(0), train.to_numpy().std(0)
+    aucs, cors = [], []
+    for species in ["swi01", "swi02", "swi12"]:
+        Xp = train.iloc[: len(po)][po["spid"].to_numpy() == species].to_numpy()
+        X = (np.vstack([Xp, train.iloc[len(po) :].to_numpy()]) - mean) / sd
+        y = np.r_[np.ones(len(Xp)), np.zeros(len(bg))]
+        clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(X, y)
+        score = clf.predict_proba((test.to_numpy() - mean) / sd)[:, 1]
+        aucs.append(roc_auc_score(pa[species], score))
+        cors.append(np.corrcoef(pa[species], score)[0, 1])
+    np.testing.assert_allclose(table["auc"], aucs, atol=1e-9)
+    assert line["mean_auc"] == pytest.approx(np.mean(aucs), abs=5e-5)
+    assert line["mean_cor"] == pytest.approx(np.mean(cors), abs=5e-5)
+
+
+def test_categorical_levels_one_hot_and_unknown_columns_named(subset):
+    bench = load_benchmark(subset, "SUB", categorical=["soil"])
+    assert [c for c in bench.covariates if c.startswith("soil=")] == [
+        "soil=c0-down",
+        "soil=c0-up",
+        "soil=c1-down",
+        "soil=c1-up",
+    ]
+    assert "soil" not in bench.covariates and len(bench.covariates) == 13 + 4
+    from botaclip_core.errors import InputDataError
+
+    with pytest.raises(InputDataError, match="--categorical vegsys: not a covariate"):
+        load_benchmark(subset, "SUB", categorical=["vegsys"])
+    with pytest.raises(InputDataError, match="NOPEtrain_po.csv: file not found"):
+        load_benchmark(subset, "NOPE")
+
+
+@pytest.mark.slow  # 29 s; every model on the demo runs in test_downstream_stage.py
+def test_every_model_scores_every_species_and_reruns_equal(subset):
+    bench = load_benchmark(subset, "SUB", categorical=["soil"])
+    params = ModelParams(rf_trees=60, brt_iterations=60)
+    for model in ("rf", "brt", "maxent", "ensemble"):
+        summary, table = run_benchmark(bench, model, params, seed=0)
+        assert summary["n_species"] == 3 and table["auc"].notna().all(), model
+        # measured: swi01 0.83–0.85, swi02 0.72–0.75 (swi12 has 10 test presences: 0.46–0.51)
+        auc = dict(zip(table["species"], table["auc"], strict=True))
+        assert auc["swi01"] > 0.8 and auc["swi02"] > 0.7, (model, auc)
+        again, _ = run_benchmark(bench, model, params, seed=0)
+        assert again["mean_auc"] == summary["mean_auc"], model
+
+
+def test_bad_folder_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["sdm-benchmark", str(tmp_path), "--region", "SWI"])
+    assert result.exit_code != 0
+    assert "SWItrain_po.csv: file not found" in result.output
+    assert "Traceback" not in result.output
