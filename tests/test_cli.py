@@ -281,6 +281,7 @@ def test_serve_creates_the_scheduled_deployment(demo_run, tmp_path, prefect_harn
     }
 
 
+@pytest.mark.slow  # 35 s: four variants of the demo (make test-slow)
 def test_ablation_writes_one_row_per_variant_and_the_artifact(demo_run, prefect_harness):
     # on the demo's catalog, as the README does: the seed variant is the demo's own run, cached
     catalog, reports = demo_run.catalog, demo_run.workdir / "reports"

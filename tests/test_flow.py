@@ -83,7 +83,7 @@ def test_cli_runs_named_stages_without_targets(tmp_path, stages):
     assert list(report["embeddings"]) == ["dofa"]
 
 
-@pytest.mark.slow  # 53 s, four variants; test_cli.py runs an ablation in make test
+@pytest.mark.slow  # 53 s, four variants of the demo (make test-slow)
 def test_ablation_compares_seed_and_paper_settings(tmp_path, prefect_harness):
     from flows.ablation import PAPER_VARIANT, SEED_VARIANT, AblationParams, ablation_flow
 

@@ -257,11 +257,17 @@ def test_flow_publishes_progress_artifacts(tmp_path, prefect_harness):
         size="tiny",
         catalog_overrides={"regions": {"demo": {"releves": None, "targets": []}}},
     )
-    pipeline_flow(PipelineParams(catalog=str(catalog), region="demo"))
+    state = pipeline_flow(PipelineParams(catalog=str(catalog), region="demo"), return_state=True)
+    run_id = state.state_details.flow_run_id
 
     async def progress_artifacts():
+        # this run's own: other tests' runs (some killed mid-way) share the harness's database
         async with get_client() as client:
-            return [a for a in await client.read_artifacts() if a.type == "progress"]
+            return [
+                a
+                for a in await client.read_artifacts()
+                if a.type == "progress" and a.flow_run_id == run_id
+            ]
 
     found = asyncio.run(progress_artifacts())
     described = [a.description or "" for a in found]

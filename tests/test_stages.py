@@ -154,9 +154,9 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_h
         assert upstream == set(registry.get(name).needs), name
     tile = runs["tile"]
     branch_end = runs["finetune"].end_time
-    # tile did not wait for the relevé branch (on a busy machine the tiny tiling can end
-    # before the branch's first task starts, so only this side of the overlap is certain)
-    assert tile.start_time < branch_end and tile.start_time < runs["features"].end_time
+    # tile did not wait for the relevé branch: it started before the branch ended (how the
+    # two interleave beyond that is up to the scheduler on a busy machine)
+    assert tile.start_time < branch_end
     # concurrency changed nothing: the same metrics as the in-process, one-at-a-time run
     sequential = run_region(load_catalog(write_demo_region(tmp_path / "seq", size="tiny")), "demo")
     assert report["downstream"] == sequential["downstream"]

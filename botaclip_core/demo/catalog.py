@@ -139,9 +139,9 @@ def _training(size: str) -> dict[str, Any]:
                 "folds": 3,
                 "n_background": 100,
                 "min_presences": 3,
-                # the tests run this demo many times: the two quick models (the default demo and
+                # the tests run this demo many times: the quickest model (the default demo and
                 # tests/test_downstream_stage.py fit all five), 100 bootstrap resamples
-                "models": ["glm", "maxent"],
+                "models": ["glm"],
                 "random_cv_models": ["glm"],
                 "model_params": {"rf_trees": 25, "brt_iterations": 25, "brt_learning_rate": 0.2},
                 "bootstrap": 100,
