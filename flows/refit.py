@@ -21,7 +21,7 @@ class RefitParams(StrictModel):
     region: str = Field(description="Region name in the catalog.")
     downstream: dict[str, Any] = Field(
         default_factory=dict,
-        description="Downstream settings replaced for this run, e.g. {'folds': 3, 'C': 1.0}; "
+        description="Downstream settings replaced for this run, e.g. {'folds': 3, 'models': ['glm']}; "
         "keys and values as in the catalog's 'downstream' section.",
     )
     checkpoint: str | None = Field(
