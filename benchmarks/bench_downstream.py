@@ -9,8 +9,11 @@ about 200 km). Prints one JSON line with the mean AUC of each.
 ``--select`` instead runs the choice of the default model: spatially blocked cross-validation on
 the SWI *training* data only (each species' presences against the background, 50 km blocks),
 every model, and prints the mean held-out AUC of each. The test sites play no part in it.
+``--params`` sets hyper-parameters (``ModelParams`` fields as JSON) of both runs, so that
+candidate configurations are compared on the same folds; ``--models`` limits the models fitted.
 
     python benchmarks/bench_downstream.py [--realdata ../shared/realdata] [--select]
+        [--species N] [--folds K] [--params '{"rf_min_leaf": 5}'] [--models rf,ensemble]
 """
 
 from __future__ import annotations
@@ -36,23 +39,31 @@ from botaclip_core.downstream import (  # noqa: E402
     fit_projector,
 )
 from botaclip_core.sdm.benchmark import load_benchmark  # noqa: E402
-from botaclip_core.sdm.models import DEFAULT_MODEL, MODEL_NAMES, ModelParams  # noqa: E402
+from botaclip_core.sdm.models import (  # noqa: E402
+    DEFAULT_MODEL,
+    MODEL_NAMES,
+    ModelName,
+    ModelParams,
+)
 
 
-def sdm_benchmark(folder: Path, region: str, model: str, out: Path, jobs: int) -> dict:
+def sdm_benchmark(
+    folder: Path, region: str, model: str, out: Path, jobs: int, params: str | None
+) -> dict:
     """The CLI entry point as a user runs it; its one JSON line."""
     cmd = [sys.executable, "-m", "flows.cli", "sdm-benchmark", str(folder), "--region", region]
     cmd += ["--model", model, "--out", str(out / f"{region}-{model}.csv"), "--jobs", str(jobs)]
+    cmd += ["--params", params] if params else []
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def butterflies(folder: Path, jobs: int) -> dict[str, float]:
+def butterflies(folder: Path, jobs: int, params: ModelParams) -> dict[str, float]:
     """Every model on the 55 species, 200 km blocks, features the 4 projected covariates."""
     env = pd.read_csv(folder / "env.csv").to_numpy(float)
     pa = pd.read_csv(folder / "pa.csv")
     xy = pd.read_csv(folder / "xy.csv").to_numpy(float)
-    settings = DownstreamSettings(model_params=ModelParams(), jobs=jobs)
+    settings = DownstreamSettings(model_params=params, jobs=jobs)
     X = fit_projector(env, settings).transform(env)
     by_model = evaluate_presence_absence(
         X, pa.to_numpy(float), xy, list(pa.columns), settings, block_size=0.2
@@ -60,13 +71,20 @@ def butterflies(folder: Path, jobs: int) -> dict[str, float]:
     return {m: round(s.metrics["auc"], 4) for m, s in by_model.items()}
 
 
-def select(folder: Path, jobs: int, n_species: int, folds: int) -> dict[str, float]:
+def select(
+    folder: Path,
+    jobs: int,
+    n_species: int,
+    folds: int,
+    params: ModelParams,
+    models: list[ModelName],
+) -> dict[str, float]:
     """Spatially blocked CV on the SWI training data: each model's mean held-out AUC."""
     bench = load_benchmark(folder, "SWI")
     po = pd.read_csv(folder / "SWItrain_po.csv")
     bg = pd.read_csv(folder / "SWItrain_bg.csv")
-    settings = DownstreamSettings(model_params=ModelParams(), jobs=jobs, folds=folds)
-    aucs: dict[str, list[float]] = {m: [] for m in MODEL_NAMES}
+    settings = DownstreamSettings(model_params=params, jobs=jobs, folds=folds, models=models)
+    aucs: dict[str, list[float]] = {m: [] for m in models}
     bg_xy = bg[["x", "y"]].to_numpy(float)
     for species, pres in sorted(bench.presences.items())[:n_species]:
         xy = po.loc[po["spid"].astype(str) == species, ["x", "y"]].to_numpy(float)
@@ -94,24 +112,32 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="Threads (forests, species).")
     parser.add_argument("--species", type=int, default=30, help="--select: the first N species.")
     parser.add_argument("--folds", type=int, default=5, help="--select: folds of the CV.")
+    parser.add_argument("--params", help="ModelParams fields as JSON, e.g. '{\"rf_min_leaf\": 5}'.")
+    parser.add_argument(
+        "--models", default=",".join(MODEL_NAMES), help="--select: models, comma-separated."
+    )
     args = parser.parse_args()
+    params = ModelParams.model_validate_json(args.params or "{}")
     swi = args.realdata / "disdat_swi"
     started = time.perf_counter()
     if args.select:
         result = {
-            "cv_on_training_mean_auc": select(swi, args.jobs, args.species, args.folds),
+            "cv_on_training_mean_auc": select(
+                swi, args.jobs, args.species, args.folds, params, args.models.split(",")
+            ),
             "species": args.species,
             "folds": args.folds,
+            "params": json.loads(args.params or "{}"),
         }
     else:
         result: dict = {"swi": {}}
         with tempfile.TemporaryDirectory() as out:
             for model in dict.fromkeys([DEFAULT_MODEL, "glm", "rf"]):
-                line = sdm_benchmark(swi, "SWI", model, Path(out), args.jobs)
+                line = sdm_benchmark(swi, "SWI", model, Path(out), args.jobs, args.params)
                 result["swi"][model] = {"mean_auc": line["mean_auc"], "seconds": line["seconds"]}
         result["default_model"] = DEFAULT_MODEL
         result["butterflies_blocked_mean_auc"] = butterflies(
-            args.realdata / "butterflies_gb", args.jobs
+            args.realdata / "butterflies_gb", args.jobs, params
         )
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))

@@ -112,6 +112,17 @@ def _known_crs(value: str | None) -> str | None:
     return value
 
 
+class CovariateSpec(StrictModel):
+    """An environmental covariate raster of a region, sampled at the sites (a feature source)."""
+
+    name: str = Field(description="Column name of the covariate in tables and reports.")
+    path: str = Field(description="A raster GDAL reads, in any CRS (relative to the catalog).")
+    categorical: bool = Field(
+        False, description="Classes (geology, land cover): one-hot encoded, never averaged."
+    )
+    band: int = Field(1, ge=1, description="Band of the raster holding the covariate.")
+
+
 class RegionSpec(StrictModel):
     """A region: its grid, its orthophotos, and the datasets used to train and evaluate."""
 
@@ -123,8 +134,22 @@ class RegionSpec(StrictModel):
     orthophotos: OrthophotoSpec
     releves: str | None = None
     targets: list[str] = Field(default_factory=list)
+    covariates: list[CovariateSpec] = Field(
+        default_factory=list,
+        description="Environmental rasters (elevation, climate, geology): the `covariates` "
+        "feature source and combinations such as `botaclip+covariates`.",
+    )
 
     _crs_known = field_validator("crs")(_known_crs)
+
+    @field_validator("covariates")
+    @classmethod
+    def _covariate_names(cls, covariates: list[CovariateSpec]) -> list[CovariateSpec]:
+        names = [c.name for c in covariates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"covariates: names must be unique, got {names}")
+        return covariates
+
     schedule: ScheduleSpec | None = Field(
         None, description="When `botaclip deploy` runs the region's pipeline; null = on demand."
     )
@@ -142,6 +167,12 @@ class DatasetSpec(StrictModel):
     species: str = "species"
     value: str | None = None
     layer: str | None = None
+    test: str | None = Field(
+        None,
+        description="A target's independent test set: another dataset (presence_absence for a "
+        "presence_absence or presence_only target, abundance for an abundance one) scored by "
+        "the models fitted on all of this dataset's sites.",
+    )
 
     _crs_known = field_validator("crs")(_known_crs)
 
@@ -268,8 +299,32 @@ class EmbedSettings(StrictModel):
     )
 
 
-FeatureSource = Literal["dofa", "botaclip", "botasp", "spectral"]
-FEATURE_SOURCES: tuple[FeatureSource, ...] = ("dofa", "botaclip", "botasp", "spectral")
+#: Feature sources downstream: the maps, the spectral baseline, the region's covariates.
+BASE_SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates")
+#: Compared by default; ``covariates`` and ``botaclip+covariates`` join where a region has some.
+FEATURE_SOURCES = ("dofa", "botaclip", "botasp", "spectral")
+#: Kinds of test set each target kind can be scored on.
+TEST_KINDS = {
+    "presence_absence": ("presence_absence",),
+    "presence_only": ("presence_absence", "presence_only"),
+    "abundance": ("abundance",),
+}
+
+
+def source_parts(source: str) -> list[str]:
+    """The base sources of a feature source: ``botaclip+covariates`` → botaclip, covariates."""
+    return source.split("+")
+
+
+def _feature_source(source: str) -> str:
+    parts = source_parts(source)
+    bad = [p for p in parts if p not in BASE_SOURCES]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"feature source {source!r}: use one of {list(BASE_SOURCES)} or several joined by "
+            "'+' (each once), e.g. 'botaclip+covariates'"
+        )
+    return source
 
 
 class DownstreamSettings(StrictModel):
@@ -313,17 +368,46 @@ class DownstreamSettings(StrictModel):
         None,
         description="Species (or targets) mapped per task; default: the five most prevalent.",
     )
-    map_features: Literal["dofa", "botaclip", "botasp", "spectral"] | None = Field(
-        None, description="Feature source of the prediction maps; default botaclip, else dofa."
+    map_features: str | None = Field(
+        None,
+        description="Feature source of the prediction maps (a combination too, e.g. "
+        "'botaclip+covariates'); default botaclip, else dofa.",
     )
-    map_model: ModelName = Field(DEFAULT_MODEL, description="Model of the prediction maps.")
+    map_model: ModelName | None = Field(
+        None,
+        description="Model of the prediction maps; default: the default model (ensemble) if "
+        "`models` lists it, else the first model listed.",
+    )
     pca_components: int | None = Field(32, ge=1)
-    feature_sources: list[FeatureSource] = Field(
-        default_factory=lambda: list(FEATURE_SOURCES),
+    feature_sources: list[str] | None = Field(
+        None,
         description="Features compared downstream: frozen DOFA, BotaCLIP, the supervised BotaSP "
-        "baseline, and a spectral baseline (band means, SDs and NDVI per cell).",
+        "baseline, a spectral baseline (band means, SDs and NDVI per cell), the region's "
+        "covariate rasters, or combinations joined by '+'. Default: dofa, botaclip, botasp and "
+        "spectral, plus covariates and botaclip+covariates where the region has covariates.",
     )
     seed: int = 0
+
+    _sources_valid = field_validator("feature_sources")(
+        lambda v: None if v is None else [_feature_source(s) for s in v]
+    )
+    _map_source_valid = field_validator("map_features")(
+        lambda v: None if v is None else _feature_source(v)
+    )
+
+    @property
+    def mapping_model(self) -> ModelName:
+        """The model the prediction maps come from."""
+        if self.map_model is not None:
+            return self.map_model
+        return DEFAULT_MODEL if DEFAULT_MODEL in self.models else self.models[0]
+
+    def sources_for(self, has_covariates: bool) -> list[str]:
+        """The feature sources compared in a region (with covariates or not)."""
+        if self.feature_sources is not None:
+            return list(self.feature_sources)
+        extra = ["covariates", "botaclip+covariates"] if has_covariates else []
+        return [*FEATURE_SOURCES, *extra]
 
 
 class DaskSettings(StrictModel):
@@ -367,6 +451,8 @@ class Catalog(StrictModel):
                         f"regions.{rname} names dataset {ref!r}, which is not under 'datasets' "
                         f"(defined: {sorted(self.datasets) or 'none'})"
                     )
+            for target in region.targets:
+                self._check_test_set(rname, target)
             if region.releves and self.datasets[region.releves].kind != "releves":
                 raise ValueError(
                     f"regions.{rname}.releves: dataset {region.releves!r} has kind "
@@ -390,6 +476,28 @@ class Catalog(StrictModel):
                 )
         return self
 
+    def _check_test_set(self, region: str, target: str) -> None:
+        test = self.datasets[target].test
+        if test is None:
+            return
+        where = f"datasets.{target}.test"
+        if test not in self.datasets:
+            raise ValueError(
+                f"{where} names dataset {test!r}, which is not under 'datasets' "
+                f"(defined: {sorted(self.datasets)})"
+            )
+        kind, allowed = self.datasets[target].kind, TEST_KINDS.get(self.datasets[target].kind, ())
+        if self.datasets[test].kind not in allowed:
+            raise ValueError(
+                f"{where}: dataset {test!r} has kind {self.datasets[test].kind!r}, which cannot "
+                f"test a {kind!r} target; use a dataset of kind {' or '.join(allowed)}"
+            )
+        if test in self.regions[region].targets or test == target:
+            raise ValueError(
+                f"{where}: {test!r} is also a target of region {region!r}; an independent test "
+                "set must not be trained on (remove it from the targets)"
+            )
+
     # resolution of relative paths -------------------------------------------------------
     def resolve(self, path: str) -> Path:
         """A catalog path made absolute against the catalog file's folder."""
@@ -412,9 +520,19 @@ class Catalog(StrictModel):
             ) from None
 
     def site_datasets(self, region: str) -> list[str]:
-        """The region's site datasets: its relevés (if any) first, then its targets."""
+        """The region's site datasets: its relevés (if any), its targets, their test sets."""
         spec = self.region(region)
-        return ([spec.releves] if spec.releves else []) + list(spec.targets)
+        tests = [
+            t
+            for name in spec.targets
+            if name in self.datasets and (t := self.datasets[name].test) is not None
+        ]
+        names = ([spec.releves] if spec.releves else []) + list(spec.targets) + tests
+        return list(dict.fromkeys(names))
+
+    def test_set(self, target: str) -> str | None:
+        """The independent test dataset of a target, if the catalog gives one."""
+        return self.datasets[target].test
 
     def orthophoto_files(self, region: str) -> list[Path]:
         """Expand the orthophoto globs of a region, in catalog order, without duplicates.

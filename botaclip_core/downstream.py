@@ -340,6 +340,111 @@ def evaluate_abundance(
     return collect.scores(models_for("abundance", names_models))  # type: ignore[arg-type]
 
 
+@dataclass
+class Sites:
+    """Sites of one dataset: features (already projected), observations and species names.
+
+    Attributes:
+        X: ``(n, D)`` features of the sites that have them.
+        Y: ``(n, S)`` observations (presence > 0, or abundance).
+        species: the ``S`` species (or target) names.
+        kind: the dataset's kind.
+    """
+
+    X: np.ndarray
+    Y: np.ndarray
+    species: list[str]
+    kind: str
+
+
+@dataclass
+class _TestFit:
+    """One species' test observations, every model's test scores, threshold and background."""
+
+    observed: np.ndarray
+    scores: dict[str, np.ndarray]
+    background: dict[str, np.ndarray]
+    thresholds: dict[str, float]
+
+
+def evaluate_test_set(
+    train: Sites,
+    test: Sites,
+    background_X: np.ndarray,
+    settings: DownstreamSettings,
+    *,
+    models: Sequence[str] | None = None,
+) -> dict[str, TargetScores]:
+    """Models fitted on every training site, scored on an independent test set.
+
+    Presence-only training data are fitted against ``background_X``. A presence/absence test
+    set gets AUC, COR, and TSS and kappa at the max-TSS threshold of the training fit; a
+    presence-only one AUC and the Boyce index of its records against the background; an
+    abundance one Spearman ρ, R² and D². Species are matched by name; one missing from either
+    set, or with too few presences in training, is skipped.
+
+    Returns:
+        Scores by model name (``models``, default ``settings.models``).
+    """
+    names_models = models_for(train.kind, list(models or settings.models))  # type: ignore[arg-type]
+    kind: Kind = train.kind  # type: ignore[assignment]
+    shared = [s for s in train.species if s in test.species]
+    if not shared:
+        logger.warning(
+            "test set: none of its %d species is among the %d training species",
+            len(test.species),
+            len(train.species),
+        )
+    Y_train = train.Y if kind == "abundance" else (train.Y > 0).astype(int)
+    counts = Y_train.sum(0) if kind != "abundance" else np.full(len(train.species), np.inf)
+    keep = [s for s in shared if counts[train.species.index(s)] >= settings.min_presences]
+
+    def one(k: int) -> _TestFit | None:
+        species = keep[k]
+        y = Y_train[:, train.species.index(species)]
+        observed = test.Y[:, test.species.index(species)]
+        X = train.X
+        if kind == "presence_only":
+            X = np.vstack([train.X[y > 0], background_X])
+            y = np.r_[np.ones(int((y > 0).sum()), dtype=int), np.zeros(len(background_X), int)]
+        one_class = test.kind == "presence_absence" and len(np.unique(observed > 0)) < 2
+        if kind != "abundance" and (y.min() == y.max() or one_class):
+            return None
+        fitted = fit_models(names_models, kind, X, y, settings.model_params, seed=settings.seed)
+        return _TestFit(
+            observed=observed,
+            scores=predict_models(fitted, test.X),
+            background=predict_models(fitted, background_X) if test.kind == "presence_only" else {},
+            thresholds={m: max_tss_threshold(y, v) for m, v in predict_models(fitted, X).items()}
+            if kind != "abundance"
+            else {},
+        )
+
+    results = _map(one, len(keep), settings)
+    collect = _Collector(test.kind, settings)  # type: ignore[arg-type]
+    for species, fit in zip(keep, results, strict=True):
+        if fit is None:
+            continue
+        observed = fit.observed
+        for model, score in fit.scores.items():
+            if test.kind == "presence_absence":
+                y = (observed > 0).astype(int)
+                calls = score >= fit.thresholds[model]
+                metrics = _pa_metrics(y, score, calls)
+                if metrics is not None:
+                    collect.add(model, species, metrics, y, score, calls.astype(float))
+            elif test.kind == "presence_only":
+                pres, bg = score[observed > 0], fit.background[model]
+                if len(pres):
+                    ys = np.r_[np.ones(len(pres), int), np.zeros(len(bg), int)]
+                    collect.add(
+                        model, species, presence_only_metrics(pres, bg), ys, np.r_[pres, bg]
+                    )
+            else:
+                collect.add(model, species, abundance_metrics(observed, score), observed, score)
+    return collect.scores(names_models)
+
+
 def _warn_skipped(species: Sequence[str], keep: np.ndarray, settings: DownstreamSettings) -> None:
     skipped = [str(s) for s, k in zip(species, keep, strict=True) if not k]
     if skipped:

@@ -287,13 +287,32 @@ def embed_blocks(
     """
     import torch
 
+    device = _worker_device(spec.device)
+    cuda = device.type == "cuda"
+    threads = torch.get_num_threads()
+    if spec.torch_threads and not cuda:  # Dask sets OMP_NUM_THREADS=1 in workers
+        torch.set_num_threads(spec.torch_threads)
+    try:
+        return _embed_blocks(image_zarr, out, blocks, windows, spec, device, on_block)
+    finally:  # the process's own setting back (later stages' float results depend on it)
+        torch.set_num_threads(threads)
+
+
+def _embed_blocks(
+    image_zarr: str,
+    out: str,
+    blocks: Sequence[tuple[int, int]],
+    windows: Windows,
+    spec: BackboneSpec,
+    device: Any,
+    on_block: Callable[[int], None] | None,
+) -> int:
+    import torch
+
     from botaclip_core.features import default_batch_size, load_backbone, precision_context
     from botaclip_core.feeding import Batch, Batcher, Writer, prefetch
 
-    device = _worker_device(spec.device)
     cuda = device.type == "cuda"
-    if spec.torch_threads and not cuda:  # Dask sets OMP_NUM_THREADS=1 in workers
-        torch.set_num_threads(spec.torch_threads)
     autocast = precision_context(device, spec.precision)
     batch_size = spec.batch_size or default_batch_size(device, spec.size)
     image = zarr.open_array(os.path.join(image_zarr, "image"), mode="r")

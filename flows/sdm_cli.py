@@ -30,11 +30,19 @@ def sdm_benchmark(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every model.")] = 0,
     jobs: Annotated[int, typer.Option(help="Threads of the random forest.")] = 1,
+    params: Annotated[
+        str | None,
+        typer.Option(
+            help="Model hyper-parameters as JSON (ModelParams fields), e.g. '{\"rf_min_leaf\": 5}'."
+        ),
+    ] = None,
 ) -> None:
     """Train per species on presences + background, score on the independent test sites.
 
     Prints one JSON line: region, model, n_species, mean_auc, mean_cor, seconds.
     """
+    from pydantic import ValidationError
+
     from botaclip_core.sdm.benchmark import load_benchmark, run_benchmark
     from botaclip_core.sdm.models import ModelParams
     from flows.cli import _fail
@@ -44,8 +52,14 @@ def sdm_benchmark(
         if model not in MODEL_NAMES:
             raise InputDataError(f"--model {model!r}: unknown; use one of {', '.join(MODEL_NAMES)}")
         cats = [c.strip() for c in categorical.split(",") if c.strip()] if categorical else []
+        try:
+            chosen = ModelParams.model_validate_json(params or "{}").model_copy(
+                update={"n_jobs": jobs}
+            )
+        except ValidationError as exc:
+            raise InputDataError(f"--params: {exc}") from exc
         bench = load_benchmark(folder, region, categorical=cats)
-        summary, table = run_benchmark(bench, model, ModelParams(n_jobs=jobs), seed=seed)  # type: ignore[arg-type]
+        summary, table = run_benchmark(bench, model, chosen, seed=seed)  # type: ignore[arg-type]
         path = out or Path.cwd() / f"sdm-{region}-{model}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".parquet":

@@ -132,6 +132,16 @@ def run_to_end(cmd: list[str], log: Path, timeout_s: float = 600.0) -> None:
         raise AssertionError(f"exit {proc.returncode}:\n{tail(log)}")
 
 
+def reference_run(catalog: Path, *args: str) -> None:
+    """An uninterrupted ``botaclip run`` of ``catalog``: the reference a killed run must equal.
+
+    It runs in a fresh process, as the runs under test do, and never in the test's own: a
+    process's state (BLAS and torch thread counts left by earlier tests) changes float results
+    in the last bits, and the comparison is exact.
+    """
+    run_to_end(cli(catalog, *args), catalog.parent / "reference.log")
+
+
 def tail(log: Path, n: int = 60) -> str:
     """The last ``n`` lines of a log."""
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])

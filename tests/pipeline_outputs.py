@@ -57,6 +57,20 @@ def _one(workdir: Path, pattern: str) -> Path | None:
     return found[0] if found else None
 
 
+def cpu_kind() -> str:
+    """``avx512`` or ``avx2``: the vector units that decide float rounding in BLAS and oneDNN.
+
+    The tiny demo's map has 2 × 2 cells, so its sites share four feature vectors and their
+    scores nearly tie: rounding differences of 1e-7 between CPU kinds reorder them and move an
+    AUC by up to 0.09. Metric rows are therefore recorded per CPU kind.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return "avx512" if " avx512f" in flags else "avx2"
+
+
 def summarize(
     workdir: Path, report: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

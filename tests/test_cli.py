@@ -27,6 +27,9 @@ from botaclip_core.pipeline import plan_region
 from botaclip_core.store import SUCCESS, fingerprint_file
 from flows.cli import app
 
+# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
+DEMO_SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
+
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,11 +123,7 @@ def assert_demo_outputs(demo: DemoRun) -> None:
     for store in report["embeddings"].values():
         assert Path(store).is_dir() and Path(store).is_relative_to(demo.workdir.resolve())
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
-    assert pairs == {
-        (t, f)
-        for t in ("plants", "butterflies", "soil")
-        for f in ("dofa", "botaclip", "botasp", "spectral")
-    }
+    assert pairs == {(t, f) for t in ("plants", "butterflies", "soil") for f in DEMO_SOURCES}
     assert Path(report["model_card"]).is_file()
 
 

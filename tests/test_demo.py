@@ -219,7 +219,8 @@ def test_same_seed_gives_identical_data(tiny: Path, tiny_twin: Path) -> None:
     names_b = [p.relative_to(tiny_twin) for p in data_files(tiny_twin)]
     assert names_a == names_b
     n_tif = sum(name.suffix == ".tif" for name in names_a)
-    assert n_tif == TINY.sheets**2 + 2  # the sheets, truth/habitat.tif, truth/environment.tif
+    # the sheets, truth/habitat.tif and environment.tif, covariates/elevation.tif and geology.tif
+    assert n_tif == TINY.sheets**2 + 4
     for name in names_a:
         a, b = tiny / name, tiny_twin / name
         if name.suffix == ".tif":
@@ -332,3 +333,33 @@ def test_default_size_is_fast_and_valid(tmp_path: Path) -> None:
     assert catalog.model.dofa.size == "base" and catalog.finetune.epochs == 40
     releves = gpd.read_file(tmp_path / "demo-data" / "releves.gpkg")
     assert releves["plot_id"].nunique() == 240
+
+
+def test_covariates_and_the_butterflies_test_set(tiny: Path) -> None:
+    data = tiny / "demo-data"
+    catalog = load_catalog(tiny / "data_catalog.yaml")
+    region = catalog.regions["demo"]
+    assert [(c.name, c.categorical) for c in region.covariates] == [
+        ("elevation", False),
+        ("geology", True),
+    ]
+    assert catalog.datasets["butterflies"].test == "butterfly_transects"
+    # the DEM is the 4 m truth elevation averaged over 2 × 2 cells, on the same corner
+    with rasterio.open(data / "truth/environment.tif") as truth:
+        elevation, truth_transform = truth.read(1), truth.transform
+    with rasterio.open(data / "covariates/elevation.tif") as dem:
+        assert dem.crs.to_string() == region.crs
+        assert (dem.transform.c, dem.transform.f) == (truth_transform.c, truth_transform.f)
+        assert dem.res == (2 * truth.res[0], 2 * truth.res[1])
+        n = elevation.shape[0] // 2
+        want = elevation.reshape(n, 2, n, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(dem.read(1), want, rtol=1e-6)
+    with rasterio.open(data / "covariates/geology.tif") as geology:
+        assert geology.crs.to_epsg() == 4326 and geology.nodata == 0
+        assert set(np.unique(geology.read(1))) <= {0, 1, 2, 3, 4}
+    transects = pd.read_csv(data / "butterfly_transects.csv")
+    assert transects["site_id"].nunique() == TINY.n_transect_sites
+    assert len(transects) == TINY.n_transect_sites * 15
+    assert set(transects["present"]) == {0, 1}
+    left, bottom, right, top = region.bounds
+    assert transects["x"].between(left, right).all() and transects["y"].between(bottom, top).all()

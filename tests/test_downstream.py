@@ -254,8 +254,8 @@ def test_background_points_lie_in_covered_cells_at_pixel_centres(tmp_path, dtype
     store = _embedding_store(tmp_path, EDGE_GRID, 16, EDGE_COVERED, dtype)
     opts = DownstreamSettings(n_background=3000, seed=7)
     bg = _background(store, opts, EDGE_GRID)
-    rows, cols = bg["rows"], bg["cols"]
-    assert len(rows) == len(cols) == len(bg["xy"]) == 3000
+    rows, cols = bg.rows, bg.cols
+    assert len(rows) == len(cols) == len(bg.xy) == 3000
     cells = set(zip((rows // 16).tolist(), (cols // 16).tolist(), strict=True))
     assert cells == set(EDGE_COVERED)  # every point in a covered cell, every covered cell drawn
     # anywhere in a cell, not at one corner of it
@@ -263,18 +263,18 @@ def test_background_points_lie_in_covered_cells_at_pixel_centres(tmp_path, dtype
     values = EmbeddingStore(store).read(slice(None), slice(None))
     assert not np.isnan(values[:, rows // 16, cols // 16]).any()
     # the grid's pixel centres, from its definition (left, top, resolution)
-    np.testing.assert_allclose(bg["xy"][:, 0], 700_000.0 + (cols + 0.5) * 2.0, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(bg["xy"][:, 1], 6_600_000.0 - (rows + 0.5) * 2.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bg.xy[:, 0], 700_000.0 + (cols + 0.5) * 2.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bg.xy[:, 1], 6_600_000.0 - (rows + 0.5) * 2.0, rtol=0, atol=1e-6)
     again = _background(store, opts, EDGE_GRID)
-    np.testing.assert_array_equal(again["rows"], rows)  # seeded
-    np.testing.assert_array_equal(again["cols"], cols)
+    np.testing.assert_array_equal(again.rows, rows)  # seeded
+    np.testing.assert_array_equal(again.cols, cols)
 
 
 def test_background_points_lie_inside_the_grid_at_partial_edge_cells(tmp_path):
     """Edge cells of a grid that is not a whole number of cells hold fewer pixels."""
     store = _embedding_store(tmp_path, EDGE_GRID, 16, EDGE_COVERED, "float32")
     bg = _background(store, DownstreamSettings(n_background=3000, seed=7), EDGE_GRID)
-    assert EDGE_GRID.contains(bg["rows"], bg["cols"]).all()
+    assert EDGE_GRID.contains(bg.rows, bg.cols).all()
 
 
 # --- real data: NCEAS disdat Switzerland -------------------------------------------------------

@@ -14,6 +14,9 @@ from botaclip_core.demo import write_demo_region
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline_flow
 
+# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
+SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
+
 
 def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
@@ -44,7 +47,7 @@ def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     assert any(a.key == "botaclip-training-demo" for a in artifacts)  # training curve in the UI
     table = next(a for a in artifacts if a.key == "botaclip-metrics-demo")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["features"] for r in rows} == {"dofa", "botaclip", "botasp", "spectral"}
+    assert {r["features"] for r in rows} == set(SOURCES)
 
     # the workdir removed behind Prefect's back: the stale cache record is not trusted
     import shutil

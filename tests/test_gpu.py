@@ -165,3 +165,14 @@ def test_bench_store_is_an_image_store_tiling_would_recognise(image):
     valid = zarr.open_array(str(image / "valid"), mode="r")
     assert valid.shape == (6 * 224, 10 * 224)
     assert len(covered_blocks(image)) == 60  # every chunk stored, shards read like tiling's
+
+
+def test_bench_train_gpu_part_needs_no_gdal_or_prefect(tmp_path):
+    """gpu_check.sh's bench_train.py step imports the training code without rasterio or Prefect
+    (pydantic, for the settings, is installed from the carried wheels)."""
+    blocked = _blocked_imports(tmp_path / "blocked")
+    (blocked / "pydantic").rename(tmp_path / "pydantic-allowed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(BENCH.parent)])}
+    probe = "import botaclip_core.finetune, botaclip_core.training.backbone"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kill_harness import assert_same_outputs, cli, complete, kill_inside, run_to_end
+from kill_harness import (
+    assert_same_outputs,
+    cli,
+    complete,
+    kill_inside,
+    reference_run,
+    run_to_end,
+)
 
-from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
-from botaclip_core.pipeline import run_region
 from botaclip_core.stages.registry import names
 
 # four views per plot: the tiny demo's 60 plots make 4 groups of 16 in the features stage
@@ -18,13 +23,13 @@ N_GROUPS = 4
 
 def _reference(root, stages=None):
     catalog = write_demo_region(root, size="tiny", catalog_overrides=OVERRIDES)
-    run_region(load_catalog(catalog), "demo", stages=stages, catalog_path=catalog)
+    reference_run(catalog, *(["--stages", *stages] if stages else []))
     return root
 
 
 @pytest.fixture(scope="module")
 def reference_finetune(tmp_path_factory):
-    """An uninterrupted in-process run of the relevé branch (rasterize, features, finetune)."""
+    """An uninterrupted run of the relevé branch (rasterize, features, finetune)."""
     return _reference(tmp_path_factory.mktemp("reference-finetune"), ["finetune"])
 
 
@@ -77,7 +82,7 @@ def test_kills_inside_features_and_finetune_resume_to_equal_outputs(tmp_path, re
 
 @pytest.fixture(scope="module")
 def reference_all(tmp_path_factory):
-    """An uninterrupted in-process run of every stage."""
+    """An uninterrupted run of every stage."""
     return _reference(tmp_path_factory.mktemp("reference-all"))
 
 

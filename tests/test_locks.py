@@ -13,13 +13,11 @@ import threading
 import time
 
 import pytest
-from kill_harness import REPO, assert_same_outputs, cli, start, tail
+from kill_harness import REPO, assert_same_outputs, cli, reference_run, start, tail
 
-from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
 from botaclip_core.errors import StageError
 from botaclip_core.locks import Holder, StageLock
-from botaclip_core.pipeline import run_region
 from botaclip_core.store import ArtifactStore
 
 STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed"]
@@ -28,7 +26,7 @@ STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed"]
 def test_two_concurrent_runs_build_each_stage_once_and_equal_a_single_run(tmp_path):
     reference = tmp_path / "single"
     catalog = write_demo_region(reference, size="tiny")
-    run_region(load_catalog(catalog), "demo", stages=["embed"], catalog_path=catalog)
+    reference_run(catalog, "--stages", "embed")
 
     shared = tmp_path / "shared"
     catalog = write_demo_region(shared, size="tiny")

@@ -19,6 +19,9 @@ from botaclip_core.run_report import run_report_markdown, stage_facts
 from botaclip_core.store import SUCCESS
 from flows.server import mask_password, server_spec
 
+# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
+SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
+
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
 
@@ -95,7 +98,7 @@ def test_tiny_demo_against_a_real_server_shows_the_run_its_stages_and_artifacts(
 
     by_key = {a.key: a for a in artifacts if a.key}
     metrics = _data(by_key["botaclip-metrics-demo"])
-    assert {r["features"] for r in metrics} == {"dofa", "botaclip", "botasp", "spectral"}
+    assert {r["features"] for r in metrics} == set(SOURCES)
     assert len(_data(by_key["botaclip-training-demo"])) >= 1  # the training curve
     report = json.loads((workdir / "reports" / "demo.json").read_text())
     markdown = by_key["botaclip-report-demo"]

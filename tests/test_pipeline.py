@@ -26,6 +26,9 @@ from botaclip_core.pipeline import plan_region, resolve_stages, run_region
 from botaclip_core.stages.context import PlanContext
 from botaclip_core.store import ArtifactStore, fingerprint_file
 
+# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
+DEMO_SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
+
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
 
@@ -101,11 +104,7 @@ def test_report_follows_schema(tiny):
     assert written["downstream"] == report["downstream"]
     assert set(report["embeddings"]) == {"dofa", "botaclip", "botasp"}
     pairs = {(r["task"], r["features"]) for r in report["downstream"] if r["primary"]}
-    assert pairs == {
-        (t, f)
-        for t in ("plants", "butterflies", "soil")
-        for f in ("dofa", "botaclip", "botasp", "spectral")
-    }
+    assert pairs == {(t, f) for t in ("plants", "butterflies", "soil") for f in DEMO_SOURCES}
     for r in report["downstream"]:
         if r["value"] is None:  # a Boyce index with fewer than two windows
             assert r["metric"] == "boyce", r

@@ -143,3 +143,42 @@ def test_bad_folder_is_one_clear_error(tmp_path):
     assert result.exit_code != 0
     assert "SWItrain_po.csv: file not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_params_reach_the_forest_and_bad_params_are_one_clear_error(subset, tmp_path):
+    from botaclip_core.sdm.models import fit_models
+
+    bench = load_benchmark(subset, "SUB", categorical=["soil"])
+    X = np.vstack([bench.presences["swi01"], bench.background])
+    y = np.r_[np.ones(len(bench.presences["swi01"])), np.zeros(len(bench.background))]
+    params = ModelParams(rf_trees=10, rf_max_features=2, rf_min_leaf=4)
+    forest = fit_models(["rf"], "presence_only", X, y, params, seed=0)["rf"].estimator  # type: ignore[attr-defined]
+    assert {(t.max_features, t.min_samples_leaf) for t in forest.trees_} == {(2, 4)}
+    default = fit_models(["rf"], "presence_only", X, y, ModelParams(rf_trees=10), seed=0)["rf"]
+    assert {t.max_features for t in default.estimator.trees_} == {"sqrt"}  # type: ignore[attr-defined]
+
+    cli = [
+        "sdm-benchmark",
+        str(subset),
+        "--region",
+        "SUB",
+        "--model",
+        "rf",
+        "--categorical",
+        "soil",
+    ]
+    out = ["--out", str(tmp_path / "rf.csv")]
+    result = CliRunner().invoke(app, [*cli, *out, "--params", '{"rf_trees": 10, "rf_min_leaf": 3}'])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["model"] == "rf"
+    result = CliRunner().invoke(app, [*cli, *out, "--params", '{"rf_leaves": 3}'])
+    assert result.exit_code != 0
+    assert "--params" in result.output and "rf_leaves" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_text_covariate_not_named_categorical_is_one_clear_error(subset):
+    from botaclip_core.errors import InputDataError
+
+    with pytest.raises(InputDataError, match="covariate soil has no numeric value"):
+        load_benchmark(subset, "SUB")

@@ -43,6 +43,8 @@ _CATALOG_COMMENTS: dict[tuple[str, ...], str] = {
     ("datasets", "plants"): "plant presence/absence surveys, away from the relevés",
     ("datasets", "butterflies"): "butterfly presence-only records, lon/lat in a CSV",
     ("datasets", "soil"): "soil nematode trophic groups: counts per sample",
+    ("datasets", "butterfly_transects"): "butterflies seen or not on transects: their test set",
+    ("regions", "demo", "covariates"): "DEM (8 m) and a geological map (WGS84): a baseline",
 }
 
 
@@ -82,6 +84,10 @@ def _region(preset: DemoSize) -> dict[str, Any]:
         },
         "releves": "releves",
         "targets": ["plants", "butterflies", "soil"],
+        "covariates": [
+            {"name": "elevation", "path": "demo-data/covariates/elevation.tif"},
+            {"name": "geology", "path": "demo-data/covariates/geology.tif", "categorical": True},
+        ],
         "schedule": {"cron": "0 3 1 * *", "timezone": "Europe/Paris"},
     }
 
@@ -112,6 +118,17 @@ def _datasets() -> dict[str, Any]:
             "y": "lat",
             "site_id": "record_id",
             "species": "species",
+            "test": "butterfly_transects",
+        },
+        "butterfly_transects": {
+            "kind": "presence_absence",
+            "path": "demo-data/butterfly_transects.csv",
+            "crs": CRS_CODE,
+            "x": "x",
+            "y": "y",
+            "site_id": "site_id",
+            "species": "species",
+            "value": "present",
         },
         "soil": {
             "kind": "abundance",

@@ -28,6 +28,7 @@ from botaclip_core.demo.region import (
     ORIGIN,
     RESOLUTION,
     DemoSize,
+    stream_rng,
 )
 from botaclip_core.demo.sheets import COLLAR_PX, OVERLAP_PX, sheet_span
 from botaclip_core.store import atomic_write_text
@@ -65,6 +66,12 @@ patches tens to hundreds of metres wide: deciduous forest (beech, low), conifero
 - `soil_fauna.csv`: {n_soil_sites} soil samples × 5 trophic groups (bacterivores, fungivores,
   predators, omnivores, herbivores), `sample_id`, `x`, `y` (EPSG:2154), `trophic_group`,
   `abundance` (negative-binomial counts per 100 g of soil).
+- `butterfly_transects.csv`: {n_transect_sites} transects (8 m cells at random) × the 15
+  butterflies, `site_id`, `species`, `present` (0/1), `x`, `y` (EPSG:2154): the independent
+  presence/absence test set of the presence-only records.
+- `covariates/elevation.tif`: a DEM at 8 m (float32, nodata -9999), EPSG:2154.
+- `covariates/geology.tif`: four bedrock classes ({geology}; uint8 1–4, nodata 0) in WGS84
+  at about 20 m. No species follows the geology: a covariate that does not help.
 - `truth/habitat.tif`: the habitat map at 0.5 m (codes 0–4: {habitats}).
 - `truth/environment.tif`: elevation (m) and moisture (0–1) at 4 m.
 """
@@ -196,6 +203,69 @@ def write_truth(data_dir: Path, land: Landscape) -> list[str]:
     return ["truth/habitat.tif", "truth/environment.tif"]
 
 
+#: The categorical covariate's classes (bedrock of the demo's geological map).
+GEOLOGY = ("limestone", "schist", "granite", "moraine")
+
+
+def write_covariates(data_dir: Path, land: Landscape, seed: int) -> list[str]:
+    """Covariate rasters a user would have: a DEM and a geological map in another CRS.
+
+    ``elevation.tif`` is the terrain at 8 m in the region's CRS (float32, nodata -9999);
+    ``geology.tif`` is a map of four bedrock classes (uint8 1–4, nodata 0) that no species
+    follows, in WGS84 at about 20 m, as national geological maps come.
+
+    Args:
+        data_dir: the demo data folder; the rasters go to its ``covariates`` folder.
+        land: the landscape.
+        seed: seed of the demo region (the geology's own stream).
+
+    Returns:
+        The raster paths relative to ``data_dir``.
+
+    """
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    from botaclip_core.demo.landscape import smooth_noise
+
+    folder = data_dir / "covariates"
+    region_crs = CRS.from_string(CRS_CODE)
+    nc = land.elevation_m.shape[0]
+    elevation = land.elevation_m.reshape(nc // 2, 2, nc // 2, 2).mean(axis=(1, 3))
+    with atomic_path(folder / "elevation.tif") as tmp:
+        with rasterio.open(
+            tmp, "w", driver="GTiff", width=nc // 2, height=nc // 2, count=1, dtype="float32",
+            crs=region_crs, transform=_transform(pixel=2 * COARSE_PX), nodata=-9999.0,
+            compress="deflate",
+        ) as dst:  # fmt: skip
+            dst.write(elevation.astype(np.float32), 1)
+            dst.set_band_description(1, "elevation_m")
+    rng = stream_rng(seed, "geology")
+    fields = np.stack([smooth_noise(rng, (nc, nc), 12.0) for _ in GEOLOGY])
+    classes = (fields.argmax(axis=0) + 1).astype(np.uint8)
+    src_transform = _transform(pixel=COARSE_PX)
+    left, top = ORIGIN
+    extent = nc * COARSE_PX * RESOLUTION
+    wgs84 = CRS.from_epsg(4326)
+    transform, width, height = calculate_default_transform(
+        region_crs, wgs84, nc, nc, left, top - extent, left + extent, top, resolution=0.0002
+    )
+    geology = np.zeros((height, width), dtype=np.uint8)
+    reproject(
+        classes, geology, src_transform=src_transform, src_crs=region_crs,
+        dst_transform=transform, dst_crs=wgs84, resampling=Resampling.nearest,
+        src_nodata=0, dst_nodata=0,
+    )  # fmt: skip
+    with atomic_path(folder / "geology.tif") as tmp:
+        with rasterio.open(
+            tmp, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+            crs=wgs84, transform=transform, nodata=0, compress="deflate",
+        ) as dst:  # fmt: skip
+            dst.write(geology, 1)
+            dst.set_band_description(1, "geology")
+            dst.update_tags(**{f"class_{k + 1}": name for k, name in enumerate(GEOLOGY)})
+    return ["covariates/elevation.tif", "covariates/geology.tif"]
+
+
 def write_gpkg(path: Path, frame: gpd.GeoDataFrame, *, layer: str) -> None:
     """GeoPackage with a fixed timestamp, so that the file is byte-identical on every run.
 
@@ -263,6 +333,7 @@ def write_readme(data_dir: Path, *, size: str, seed: int, preset: DemoSize) -> s
         collar_lo=lo,
         collar_hi=hi,
         habitats=", ".join(f"{k} {h}" for k, h in enumerate(HABITATS)),
+        geology=", ".join(f"{k + 1} {g}" for k, g in enumerate(GEOLOGY)),
         **{k: v for k, v in asdict(preset).items() if k.startswith("n_")},
     )
     atomic_write_text(data_dir / "README.md", readme)

@@ -11,6 +11,7 @@ from typing import Any
 from botaclip_core.catalog import merge_overrides, parse_catalog
 from botaclip_core.demo.catalog import catalog_mapping, render_catalog
 from botaclip_core.demo.files import (
+    write_covariates,
     write_csv,
     write_geoparquet,
     write_gpkg,
@@ -25,6 +26,7 @@ from botaclip_core.demo.sheets import collar
 from botaclip_core.demo.sites import SiteSampler
 from botaclip_core.demo.surveys import (
     draw_butterflies,
+    draw_butterfly_transects,
     draw_plant_surveys,
     draw_releves,
     draw_soil,
@@ -112,6 +114,7 @@ def _generate(data_dir: Path, *, size: str, preset: DemoSize, seed: int) -> list
     mosaic[:, ~valid] = 0
     files = write_sheets(data_dir, mosaic, edges)
     files += write_truth(data_dir, land)
+    files += write_covariates(data_dir, land, seed)
     files += _write_field_data(data_dir, SiteSampler(land, valid), preset, seed)
     files.append(write_readme(data_dir, size=size, seed=seed, preset=preset))
     return files
@@ -120,7 +123,7 @@ def _generate(data_dir: Path, *, size: str, preset: DemoSize, seed: int) -> list
 def _write_field_data(
     data_dir: Path, sampler: SiteSampler, preset: DemoSize, seed: int
 ) -> list[str]:
-    """Draw and write the relevés and the three downstream datasets; return their paths."""
+    """Draw and write the relevés, the three downstream datasets and the butterflies' test set."""
     releves, plots_xy = draw_releves(sampler, preset.n_releves, seed)
     write_gpkg(data_dir / "releves.gpkg", releves, layer="releves")
     plants = draw_plant_surveys(sampler, plots_xy, preset.n_plant_sites, seed)
@@ -129,4 +132,12 @@ def _write_field_data(
         data_dir / "butterflies.csv", draw_butterflies(sampler, preset.n_butterfly_records, seed)
     )
     write_csv(data_dir / "soil_fauna.csv", draw_soil(sampler, preset.n_soil_sites, seed))
-    return ["releves.gpkg", "plant_surveys.parquet", "butterflies.csv", "soil_fauna.csv"]
+    transects = draw_butterfly_transects(sampler, preset.n_transect_sites, seed)
+    write_csv(data_dir / "butterfly_transects.csv", transects)
+    return [
+        "releves.gpkg",
+        "plant_surveys.parquet",
+        "butterflies.csv",
+        "soil_fauna.csv",
+        "butterfly_transects.csv",
+    ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Bumped whenever the generated data change; part of ``_SUCCESS.json``.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: covariate rasters, butterfly transects (test set)
 
 CRS_CODE = "EPSG:2154"
 RESOLUTION = 0.5
@@ -34,6 +34,8 @@ _STREAMS = {
     "plants": 7,
     "butterflies": 8,
     "soil": 9,
+    "transects": 10,
+    "geology": 11,
 }
 
 
@@ -48,6 +50,7 @@ class DemoSize:
         n_plant_sites: plant presence/absence survey sites.
         n_butterfly_records: butterfly presence-only records.
         n_soil_sites: soil samples, each with the abundance of five trophic groups.
+        n_transect_sites: butterfly transects (presence/absence): the records' test set.
 
     """
 
@@ -57,6 +60,7 @@ class DemoSize:
     n_plant_sites: int
     n_butterfly_records: int
     n_soil_sites: int
+    n_transect_sites: int
 
     @property
     def pixels(self) -> int:
@@ -70,8 +74,8 @@ class DemoSize:
 
 
 DEMO_SIZES: dict[str, DemoSize] = {
-    "default": DemoSize(12, 3, 240, 200, 300, 80),
-    "tiny": DemoSize(2, 2, 60, 60, 80, 30),
+    "default": DemoSize(12, 3, 240, 200, 300, 80, 150),
+    "tiny": DemoSize(2, 2, 60, 60, 80, 30, 40),
 }
 
 
@@ -81,7 +85,7 @@ def stream_rng(seed: int, stream: str) -> np.random.Generator:
     Args:
         seed: seed of the demo region.
         stream: a product name: terrain, habitat, trees, texture, collar, releves, plants,
-            butterflies or soil.
+            butterflies, transects, soil or geology.
 
     Returns:
         A fresh generator seeded by ``seed`` and the stream.

@@ -163,6 +163,44 @@ def draw_butterflies(sampler: SiteSampler, count: int, seed: int) -> pd.DataFram
     )
 
 
+def draw_butterfly_transects(sampler: SiteSampler, count: int, seed: int) -> pd.DataFrame:
+    """Presence/absence of every butterfly on transects at random places: the records' test set.
+
+    A transect walks one 8 m cell; a species is seen there with probability 0.9 × its
+    suitability relative to its 95th percentile over the region (at most 0.95), so that the
+    records (drawn ∝ suitability², :func:`draw_butterflies`) and the transects tell the same
+    story from independent draws.
+
+    Args:
+        sampler: gives the landscape and where transects may lie.
+        count: number of transects.
+        seed: seed of the demo region.
+
+    Returns:
+        One row per transect × species: ``site_id``, ``species``, ``present`` (0/1), ``x``,
+        ``y`` (the region CRS).
+
+    """
+    rng = stream_rng(seed, "transects")
+    cells, m, suit = _butterfly_cells(sampler)
+    picks = rng.choice(len(cells), size=min(count, len(cells)), replace=False)
+    relative = suit[picks] / np.maximum(np.quantile(suit, 0.95, axis=0), 1e-9)
+    seen = rng.random(relative.shape) < np.minimum(0.9 * relative, 0.95)
+    r, c = np.divmod(cells[picks], m)
+    cell = _BUTTERFLY_CELL_PX * RESOLUTION
+    x, y = ORIGIN[0] + (c + 0.5) * cell, ORIGIN[1] - (r + 0.5) * cell
+    names = [b[0] for b in BUTTERFLIES]
+    return pd.DataFrame(
+        {
+            "site_id": np.repeat([f"T{k + 1:04d}" for k in range(len(picks))], len(names)),
+            "species": np.tile(names, len(picks)),
+            "present": seen.astype(np.int64).ravel(),
+            "x": np.repeat(np.round(x, 2), len(names)),
+            "y": np.repeat(np.round(y, 2), len(names)),
+        }
+    )
+
+
 def _butterfly_cells(sampler: SiteSampler) -> tuple[np.ndarray, int, np.ndarray]:
     """Valid 8 m cells (flat indices), cells per side, and each species' suitability there."""
     land = sampler.land

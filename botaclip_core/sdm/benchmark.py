@@ -118,6 +118,12 @@ def load_benchmark(
         n for c in covariates for n in ([f"{c}={v}" for v in levels[c]] if c in levels else [c])
     ]
     encoded = _encode(train, covariates, levels)
+    blank = [n for n, gap in zip(names, np.isnan(encoded).all(axis=0), strict=True) if gap]
+    if blank:
+        raise InputDataError(
+            f"{region}train_po.csv, {region}train_bg.csv: covariate {', '.join(blank)} has no "
+            "numeric value; name categorical covariates with --categorical"
+        )
     fill = np.nanmedian(encoded, axis=0)
     encoded = np.where(np.isnan(encoded), fill, encoded)
     # z-scores of the training data (the GLM is penalised; trees and MaxEnt do not mind)

@@ -33,6 +33,7 @@ def predict_map(
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     block_cells: int = 256,
     extra: Callable[[int, int, int, int], np.ndarray] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a COG of every species' prediction on the cell grid of a feature store.
 
@@ -53,6 +54,7 @@ def predict_map(
         block_cells: cells per block side.
         extra: more features for a block, ``(y0, x0, h, w)`` → ``(E, h, w)`` float, appended
             after the store's (e.g. covariate rasters resampled to the cell grid).
+        tags: metadata written into the file (e.g. the model and feature source).
 
     Returns:
         ``out``.
@@ -96,6 +98,8 @@ def predict_map(
         with rasterio.open(tmp, "w", **profile) as dst:
             for i, name in enumerate(names, start=1):
                 dst.set_band_description(i, name)
+            if tags:
+                dst.update_tags(**tags)
             for y0 in range(0, grid.height, block_cells):
                 for x0 in range(0, grid.width, block_cells):
                     h = min(block_cells, grid.height - y0)

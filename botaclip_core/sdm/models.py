@@ -51,6 +51,12 @@ class ModelParams(BaseModel):
     alpha: float = Field(10.0, gt=0, description="glm: ridge strength of log(1 + abundance).")
     rf_trees: int = Field(500, ge=10, description="rf: trees of the down-sampled forest.")
     rf_min_leaf: int = Field(1, ge=1, description="rf: fewest samples in a leaf.")
+    rf_max_features: int | None = Field(
+        None,
+        ge=1,
+        description="rf: features tried per split of the presence/absence forest; None: the "
+        "square root of their number (randomForest's default mtry).",
+    )
     brt_iterations: int = Field(400, ge=10, description="brt: boosting iterations.")
     brt_learning_rate: float = Field(0.02, gt=0, le=1)
     brt_leaves: int = Field(6, ge=2, description="brt: most leaves per tree (gbm's depth 5).")
@@ -231,6 +237,7 @@ def _base_model(name: ModelName, kind: Kind, params: ModelParams, seed: int) -> 
             DownsampledForest(
                 params.rf_trees,
                 min_samples_leaf=params.rf_min_leaf,
+                max_features=params.rf_max_features or "sqrt",
                 n_jobs=params.n_jobs,
                 seed=seed,
             )

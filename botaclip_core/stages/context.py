@@ -77,9 +77,12 @@ class PlanContext:
         return self.fingerprint(self.catalog.resolve(weights)) if weights else None
 
     def dataset_input(self, name: str) -> dict[str, Any]:
-        """A site dataset as an input: how to read it (its spec) and its file's fingerprint."""
+        """A site dataset as an input: how to read it (its spec) and its file's fingerprint.
+
+        Its test set is not how it is read, and stays out (keys from before it existed hold).
+        """
         spec = self.catalog.datasets[name]
         return {
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json", exclude={"test"}),
             "file": self.fingerprint(self.catalog.resolve(spec.path)),
         }

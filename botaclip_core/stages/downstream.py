@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from botaclip_core.catalog import DownstreamSettings
+from botaclip_core.catalog import CovariateSpec, DownstreamSettings, source_parts
 from botaclip_core.grid import RegionGrid
+from botaclip_core.sdm.sources import Background, FeatureSource
 from botaclip_core.stages.base import Stage, StageInputs, StageOutput, StageSettings, TableArtifact
 from botaclip_core.stages.common import GridSettings
 from botaclip_core.stages.context import PlanContext
@@ -36,13 +37,15 @@ N_MAPPED = 5  # species mapped per task by default: the most prevalent
 
 
 class DownstreamStageSettings(StageSettings):
-    """The models and validation, the targets, the grid the sites lie on, the image's bands."""
+    """The models and validation, the targets (and test sets), grid, bands and covariates."""
 
     region: str
     downstream: DownstreamSettings
     targets: list[str]
     grid: GridSettings
     bands: list[str]
+    test_sets: dict[str, str] = {}
+    covariates: list[CovariateSpec] = []
 
 
 class DownstreamOutput(StageOutput):
@@ -65,36 +68,23 @@ def applies(ctx: PlanContext) -> str | None:
 
 
 def settings(ctx: PlanContext) -> DownstreamStageSettings:
-    """The catalog's downstream settings, the region's targets and its orthophotos' bands."""
+    """The catalog's downstream settings, the region's targets, bands and covariates."""
+    catalog = ctx.catalog
     return DownstreamStageSettings(
         region=ctx.region_name,
-        downstream=ctx.catalog.downstream,
+        downstream=catalog.downstream,
         targets=list(ctx.region.targets),
         grid=GridSettings.of(ctx.grid),
         bands=list(ctx.region.orthophotos.bands),
+        test_sets={t: test for t in ctx.region.targets if (test := catalog.test_set(t))},
+        covariates=list(ctx.region.covariates),
     )
 
 
-class _Source:
-    """One feature source: its store, the projector fitted on the landscape, background rows."""
-
-    def __init__(self, path: Path, background: dict[str, np.ndarray], opts: DownstreamSettings):
-        from botaclip_core import downstream as ds_models
-
-        self.path = path
-        raw = _sample(path, background["rows"], background["cols"])
-        ok = ~np.isnan(raw).any(axis=1)
-        self.projector = ds_models.fit_projector(raw[ok], opts)
-        # background points where this source has no value (spectral: no valid pixel) are
-        # replaced by the projected mean (zero), so that every source sees the same points
-        self.landscape = np.zeros((len(raw), self.projector.transform(raw[ok][:1]).shape[1]))
-        self.landscape[ok] = self.projector.transform(raw[ok])
-
-    def at(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Projected features at pixels and which of them have features."""
-        X = _sample(self.path, rows, cols)
-        ok = ~np.isnan(X).any(axis=1)
-        return ok, self.projector.transform(X[ok]) if ok.any() else np.zeros((0, 0))
+def inputs(ctx: PlanContext) -> dict[str, Any]:
+    """The covariate rasters (the sites come from the rasterize stage)."""
+    covariates = [ctx.fingerprint(ctx.catalog.resolve(c.path)) for c in ctx.region.covariates]
+    return {"covariates": covariates} if covariates else {}
 
 
 def build(
@@ -106,13 +96,8 @@ def build(
     maps = inputs.output("embed", EmbedOutput).model_dump()
     raster = inputs.output("rasterize", RasterizeOutput)
     opts, grid = settings.downstream, settings.grid.to_grid()
-    paths: dict[str, Path] = {
-        s: Path(maps[s]) for s in opts.feature_sources if s != "spectral" and maps.get(s)
-    }
-    if "spectral" in opts.feature_sources:
-        paths["spectral"] = _spectral(inputs, Path(maps["dofa"]), settings.bands, out_dir)
     background = _background(Path(maps["dofa"]), opts, grid)
-    sources: dict[str, _Source] = {n: _Source(p, background, opts) for n, p in paths.items()}
+    sources = _sources(settings, inputs, maps, background, out_dir)
     cell_m = grid.resolution * _cell_px(Path(maps["dofa"]))
     rows: list[dict[str, Any]] = []
     per_species: list[dict[str, Any]] = []
@@ -125,16 +110,16 @@ def build(
         table = files.load(task)
         r, c = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
         xy = table.sites[["x", "y"]].to_numpy()
-        ok_ref, X_ref = (
-            sources["dofa"].at(r, c) if "dofa" in sources else next(iter(sources.values())).at(r, c)
-        )
+        reference = sources.get("dofa") or next(iter(sources.values()))
+        ok_ref, X_ref = reference.at(r, c, xy)
         block, blocks[task] = _block_size(opts, xy[ok_ref], X_ref, cell_m)
         logger.info(
             "downstream %s: spatial blocks of %.0f m (%s)", task, block, blocks[task]["method"]
         )
         scored: dict[tuple[str, str], TargetScores] = {}
+        test = _test_sites(settings, raster, task)
         for source_name, source in sources.items():
-            ok, X = source.at(r, c)
+            ok, X = source.at(r, c, xy)
             runs: list[tuple[str, list[str]]] = [
                 ("spatial", list(opts.models)),
                 ("random", [m for m in opts.random_cv_models if m in opts.models]),
@@ -159,6 +144,12 @@ def build(
                     per_target[f"{task}/{source_name}/{model}/{validation}"] = scores.per_target
                     if validation == "spatial":
                         scored[(source_name, model)] = scores
+            if test is not None:
+                by_model = _evaluate_test(files.kind, X, table, ok, test, source, opts)
+                for model, scores in by_model.items():
+                    rows += _metric_rows(task, files.kind, source_name, model, "test", scores)
+                    per_species += _species_rows(task, source_name, model, "test", scores)
+                    per_target[f"{task}/{source_name}/{model}/test"] = scores.per_target
             logger.info("downstream %s/%s: %d models scored", task, source_name, len(opts.models))
         comparisons += _comparisons(task, files.kind, scored, opts)
         mapped = _prediction_map(task, files.kind, table, xy, sources, background, opts, out_dir)
@@ -222,11 +213,79 @@ def _block_size(
     return size, {k: v for k, v in info.items() if k != "models"} | {"method": info["method"]}
 
 
-def _sample(path: Path, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Features (dequantized) of the cells holding image pixels (rows, cols)."""
-    from botaclip_core.embed import sample_embeddings
+def _sources(
+    settings: DownstreamStageSettings,
+    inputs: StageInputs,
+    maps: dict[str, Any],
+    background: Background,
+    out_dir: Path,
+) -> dict[str, FeatureSource]:
+    """Every feature source of the region that can be built (a missing map is skipped)."""
+    from botaclip_core.sdm.covariates import Layer
+    from botaclip_core.sdm.sources import CombinedSource, CovariateSource, StoreSource
 
-    return sample_embeddings(path, rows, cols)
+    opts = settings.downstream
+    names = opts.sources_for(bool(settings.covariates))
+    base: dict[str, FeatureSource] = {}
+    for part in dict.fromkeys(p for n in names for p in source_parts(n)):
+        if part == "spectral":
+            path = _spectral(inputs, Path(maps["dofa"]), settings.bands, out_dir)
+            base[part] = StoreSource(path, background, opts)
+        elif part == "covariates":
+            if not settings.covariates:
+                logger.warning("downstream: the region lists no covariates; skipped")
+                continue
+            files = inputs.files["covariates"]
+            layers = [
+                Layer(c.name, Path(fp["path"]), c.categorical, c.band)
+                for c, fp in zip(settings.covariates, files, strict=True)
+            ]
+            base[part] = CovariateSource(
+                layers, settings.grid.to_grid(), background, Path(maps["dofa"])
+            )
+        elif maps.get(part):
+            base[part] = StoreSource(Path(maps[part]), background, opts)
+    sources: dict[str, FeatureSource] = {}
+    for name in names:
+        parts = source_parts(name)
+        if all(p in base for p in parts):
+            sources[name] = (
+                base[name] if len(parts) == 1 else CombinedSource([base[p] for p in parts])
+            )
+    return sources
+
+
+def _test_sites(settings: DownstreamStageSettings, raster: RasterizeOutput, task: str) -> Any:
+    """The task's independent test set (its sites table), or None."""
+    name = settings.test_sets.get(task)
+    if name is None:
+        return None
+    files = raster.sites(name)
+    return files.kind, files.load(name)
+
+
+def _evaluate_test(
+    kind: str,
+    X: np.ndarray,
+    table: Any,
+    ok: np.ndarray,
+    test: tuple[str, Any],
+    source: FeatureSource,
+    opts: DownstreamSettings,
+) -> dict[str, TargetScores]:
+    """Models fitted on all the task's sites, scored on its independent test set."""
+    from botaclip_core import downstream as ds_models
+
+    test_kind, test_table = test
+    xy = test_table.sites[["x", "y"]].to_numpy()
+    r, c = test_table.sites["row"].to_numpy(), test_table.sites["col"].to_numpy()
+    ok_test, X_test = source.at(r, c, xy)
+    return ds_models.evaluate_test_set(
+        ds_models.Sites(X, table.values[ok], list(table.species), kind),
+        ds_models.Sites(X_test, test_table.values[ok_test], list(test_table.species), test_kind),
+        source.landscape,
+        opts,
+    )
 
 
 def _evaluate(
@@ -235,8 +294,8 @@ def _evaluate(
     table: Any,
     ok: np.ndarray,
     xy: np.ndarray,
-    source: _Source,
-    background: dict[str, np.ndarray],
+    source: FeatureSource,
+    background: Background,
     opts: DownstreamSettings,
     block: float,
     *,
@@ -252,7 +311,7 @@ def _evaluate(
         return ds_models.evaluate_presence_absence(X, values, xy[ok], species, opts, **common)
     if kind == "presence_only":
         return ds_models.evaluate_presence_only(
-            X, values, xy[ok], source.landscape, background["xy"], species, opts, **common
+            X, values, xy[ok], source.landscape, background.xy, species, opts, **common
         )
     return ds_models.evaluate_abundance(X, values, xy[ok], species, opts, **common)
 
@@ -352,22 +411,28 @@ def _prediction_map(
     kind: str,
     table: Any,
     xy: np.ndarray,
-    sources: dict[str, _Source],
-    background: dict[str, np.ndarray],
+    sources: dict[str, FeatureSource],
+    background: Background,
     opts: DownstreamSettings,
     out_dir: Path,
 ) -> str | None:
     """A COG of the task's mapped species from the model fitted on all its sites."""
     from botaclip_core.sdm.maps import predict_map
-    from botaclip_core.sdm.models import fit_models, predict_models
+    from botaclip_core.sdm.models import fit_models, models_for, predict_models
 
     name = opts.map_features or ("botaclip" if "botaclip" in sources else "dofa")
+    model = opts.mapping_model
+    if model not in models_for(kind, [model]):  # type: ignore[arg-type]
+        model = (models_for(kind, opts.models) or ["glm"])[0]  # type: ignore[arg-type]
     if name not in sources:
         logger.warning("downstream %s: no feature source %r to map from", task, name)
         return None
-    source = sources[name]
+    source, mapping = sources[name], sources[name].map_inputs()
+    if mapping is None:
+        logger.warning("downstream %s: feature source %r cannot be mapped", task, name)
+        return None
     r, c = table.sites["row"].to_numpy(), table.sites["col"].to_numpy()
-    ok, X = source.at(r, c)
+    ok, X = source.at(r, c, xy)
     values = table.values[ok]
     prevalence = (values > 0).sum(axis=0)
     chosen = opts.maps or [table.species[j] for j in np.argsort(-prevalence, kind="stable")]
@@ -387,7 +452,7 @@ def _prediction_map(
         if kind != "abundance" and (ys.min() == ys.max() or ys.sum() < opts.min_presences):
             continue
         fitted = fit_models(
-            [opts.map_model],
+            [model],
             kind,  # type: ignore[arg-type]
             Xs,
             ys,
@@ -396,7 +461,7 @@ def _prediction_map(
         )
 
         def predictor(rows: np.ndarray, fitted: Any = fitted) -> np.ndarray:
-            return predict_models(fitted, rows)[opts.map_model]
+            return predict_models(fitted, rows)[model]
 
         predictors[species] = predictor
         if not opts.maps and len(predictors) == N_MAPPED:
@@ -404,15 +469,16 @@ def _prediction_map(
     if not predictors:
         return None
     out = out_dir / f"{task}.tif"
-    predict_map(source.path, predictors, out, transform=source.projector.transform)
+    predict_map(
+        mapping.store, predictors, out, transform=mapping.transform, extra=mapping.extra,
+        tags={"task": task, "features": name, "model": model},
+    )  # fmt: skip
     logger.info("downstream %s: map of %d species from %s/%s", task, len(predictors), name,
-                opts.map_model)  # fmt: skip
+                model)  # fmt: skip
     return str(out)
 
 
-def _background(
-    dofa_zarr: Path, opts: DownstreamSettings, grid: RegionGrid
-) -> dict[str, np.ndarray]:
+def _background(dofa_zarr: Path, opts: DownstreamSettings, grid: RegionGrid) -> Background:
     """Background points: random pixels of covered embedding cells (seeded)."""
     from botaclip_core.embedding_store import EmbeddingStore
 
@@ -425,7 +491,7 @@ def _background(
     rows = pick[:, 0] * cell + rng.integers(0, np.minimum(cell, grid.height - pick[:, 0] * cell))
     cols = pick[:, 1] * cell + rng.integers(0, np.minimum(cell, grid.width - pick[:, 1] * cell))
     xs, ys = grid.xy(rows, cols)
-    return {"rows": rows, "cols": cols, "xy": np.column_stack([xs, ys])}
+    return Background(rows, cols, np.column_stack([xs, ys]))
 
 
 def report(output: DownstreamOutput) -> dict[str, Any]:
@@ -475,6 +541,7 @@ STAGE = Stage(
     build=build,
     output=DownstreamOutput,
     applies=applies,
+    inputs=inputs,
     report=report,
     artifacts=artifacts,
     description="embeddings + sites → species models, metrics with intervals, comparisons, maps",

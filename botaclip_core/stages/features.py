@@ -102,7 +102,11 @@ def build(settings: FeaturesSettings, inputs: StageInputs, out_dir: Path) -> Fea
         if _finished_earlier(out_dir, plots, settings.views):
             logger.info("features: all %d plots were encoded by an earlier run", len(plots))
             return _output(out_dir, len(plots), settings.views)
-        model = load_backbone(backbone.size, weights_path(inputs.files), backbone.seed)
+        from botaclip_core.training.runtime import resolve_device
+
+        # embed.device (auto: CUDA where there is one), in fp32: the features train the adapters
+        device = resolve_device(settings.inference.device, field="embed.device")
+        model = load_backbone(backbone.size, weights_path(inputs.files), backbone.seed, device)
         views, dim = settings.views, int(model.embed_dim)
         mean, std = np.asarray(backbone.mean, np.float32), np.asarray(backbone.std, np.float32)
         group = max(1, CHIPS_PER_GROUP // views)

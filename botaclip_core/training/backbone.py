@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from botaclip_core.catalog import FinetuneSettings
-from botaclip_core.chips import Augmentation
 from botaclip_core.errors import CatalogError
 from botaclip_core.losses import build_loss
 from botaclip_core.models.checkpoints import build_dofa, save_dofa
@@ -208,9 +207,8 @@ class _BackboneRun:
         with torch.no_grad():
             return self._embed(forward, x)
 
-    def _train_step(self, rows: np.ndarray, augs: Sequence[Augmentation]) -> Tensor:
+    def _train_step(self, rows: np.ndarray, x: Tensor) -> Tensor:
         model = self.model
-        x = self.pixels(rows, augs)
         img = self._embed(model.encode_image, x)
         rel = model.encode_releve(self.rels[torch.from_numpy(rows).to(self.device)])
         reference = self._reference(x)
@@ -222,9 +220,11 @@ class _BackboneRun:
         order = gen.permutation(self.train_idx)
         augs = draw_epoch_augmentations(gen, self.n_plots, self.settings.max_shift)
         batch = self.batch
-        losses = [  # the ragged last batch is dropped
-            self._train_step(order[s : s + batch], augs)
-            for s in range(0, len(order) - batch + 1, batch)
+        # the ragged last batch is dropped; the next batches' crops are cut on a loader thread
+        batches = [order[s : s + batch] for s in range(0, len(order) - batch + 1, batch)]
+        losses = [
+            self._train_step(rows, x)
+            for rows, x in zip(batches, self.pixels.stream(batches, augs), strict=True)
         ]
         return mean_loss(losses)
 

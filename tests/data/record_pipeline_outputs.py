@@ -3,8 +3,9 @@
 Run from the repository root: ``.venv/bin/python tests/data/record_pipeline_outputs.py``.
 Recorded from the code before the stages refactor (issue 8); rerun only when a change of
 outputs is intended, and say why in the commit. ``--only-downstream`` rewrites the metric rows
-alone and keeps every recorded array and digest (done for issues 11 and 12: five models,
-variogram-sized blocks, folds balanced in presences, the spectral source).
+alone, for this machine's CPU kind, and keeps every recorded array and digest (done for
+issues 11 and 12: five models, variogram-sized blocks, folds balanced in presences, the spectral
+source, covariates, test sets). Metric rows are kept per CPU kind: record them on each kind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_outputs import VARIANTS, run_variant, summarize  # noqa: E402
+from pipeline_outputs import VARIANTS, cpu_kind, run_variant, summarize  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "golden"
 
@@ -31,11 +32,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report = run_variant(Path(tmp), name)
             info, arrays = summarize(Path(tmp), report)
+        rows = info.pop("downstream")
         if only_downstream:
-            infos[name]["downstream"] = info["downstream"]
-            print(name, len(info["downstream"]), "metric rows")
+            infos[name].setdefault("downstream_by_cpu", {})[cpu_kind()] = rows
+            print(name, len(rows), "metric rows for", cpu_kind())
             continue
-        infos[name] = info
+        infos[name] = info | {"downstream_by_cpu": {cpu_kind(): rows}}
         np.savez_compressed(OUT / f"{name}.npz", **arrays)
         print(name, info["stages"], {k: v.shape for k, v in arrays.items()})
     recorded.write_text(json.dumps(infos, indent=1) + "\n")
