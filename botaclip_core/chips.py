@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,39 +13,9 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from botaclip_core.augment import IDENTITY, Augmentation
 from botaclip_core.grid import RegionGrid
 from botaclip_core.tiling import aligned_offset
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """One augmented view: flips, 90° rotations, a chip-centre shift and a brightness factor."""
-
-    flip: bool = False
-    rot90: int = 0
-    shift_rows: int = 0
-    shift_cols: int = 0
-    brightness: float = 1.0
-
-
-IDENTITY = Augmentation()
-
-
-def draw_augmentations(n_views: int, *, seed: int, max_shift: int = 16) -> list[Augmentation]:
-    """View 0 is the plain chip; later views are random, deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    views = [IDENTITY]
-    for _ in range(n_views - 1):
-        views.append(
-            Augmentation(
-                flip=bool(rng.integers(2)),
-                rot90=int(rng.integers(4)),
-                shift_rows=int(rng.integers(-max_shift, max_shift + 1)),
-                shift_cols=int(rng.integers(-max_shift, max_shift + 1)),
-                brightness=float(rng.uniform(0.9, 1.1)),
-            )
-        )
-    return views
 
 
 def _augment(chip: np.ndarray, aug: Augmentation) -> np.ndarray:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from botaclip_core.chips import Augmentation, ChipReader, SourceChipReader, draw_augmentations
+from botaclip_core.augment import Augmentation, draw_augmentations
+from botaclip_core.chips import ChipReader, SourceChipReader
 from botaclip_core.grid import RegionGrid
 from botaclip_core.tiling import region_grid_for_sources, tile_orthophotos
 

@@ -388,7 +388,8 @@ def augment_by_hand(window: np.ndarray, aug) -> np.ndarray:
 def test_crop_chip_matches_chip_reader(tmp_path):
     import zarr
 
-    from botaclip_core.chips import Augmentation, ChipReader
+    from botaclip_core.augment import Augmentation
+    from botaclip_core.chips import ChipReader
 
     rng = np.random.default_rng(0)
     image = rng.integers(1, 255, size=(3, 40, 40), dtype=np.uint8)

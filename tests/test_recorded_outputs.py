@@ -20,7 +20,15 @@ from pipeline_outputs import VARIANTS, cpu_kind, run_variant, summarize
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# the pixel training modes (partial, LoRA) in make test-slow: tests/test_pipeline.py's pixel-mode
+# test runs one in make test
+SLOW_VARIANTS = {"partial", "lora"}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in VARIANTS],
+)
 def test_outputs_equal_the_recorded_ones(tmp_path, variant):
     expected = json.loads((GOLDEN / "pipeline_outputs.json").read_text())[variant]
     arrays = dict(np.load(GOLDEN / f"{variant}.npz"))

@@ -162,6 +162,8 @@ def _training(size: str) -> dict[str, Any]:
                 "random_cv_models": ["glm"],
                 "model_params": {"rf_trees": 25, "brt_iterations": 25, "brt_learning_rate": 0.2},
                 "bootstrap": 100,
+                # tiny fits: threads would cost more than they save (11 s against 7.6 s)
+                "jobs": 1,
             },
         }
     return {

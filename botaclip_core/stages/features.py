@@ -88,7 +88,7 @@ def build(settings: FeaturesSettings, inputs: StageInputs, out_dir: Path) -> Fea
     ``out_dir/groups/`` and skipped by a rerun, so a killed run loses at most one group and
     resumes with features equal to an uninterrupted run's.
     """
-    from botaclip_core.chips import draw_augmentations
+    from botaclip_core.augment import draw_augmentations
     from botaclip_core.features import encode_tiles, load_backbone
 
     table = (

@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from botaclip_core.augment import Augmentation
 from botaclip_core.errors import InputDataError
 from botaclip_core.models.dofa import IMG_SIZE
-
-if TYPE_CHECKING:  # chips.py reads orthophotos with rasterio, which a GPU box may lack
-    from botaclip_core.chips import Augmentation
 
 logger = logging.getLogger(__name__)
 
