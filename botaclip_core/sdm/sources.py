@@ -108,7 +108,12 @@ class CovariateSource(FeatureSource):
     def __init__(
         self, layers: Sequence[Layer], grid: RegionGrid, background: Background, cell_store: Path
     ) -> None:
+        from botaclip_core.embedding_store import EmbeddingStore
+
         self.layers, self.grid, self.cell_store = list(layers), grid, cell_store
+        self.cell_m = (
+            EmbeddingStore(cell_store).cell_px * grid.resolution
+        )  # read once, not per block
         raw = sample_layers(self.layers, background.xy, grid.crs)
         self.encoder = Encoder.fit(self.layers, raw)
         encoded = self.encoder.transform(raw)
@@ -121,9 +126,7 @@ class CovariateSource(FeatureSource):
 
     def block(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Raw covariates ``(K, h, w)`` at the centres of a block of map cells."""
-        from botaclip_core.embedding_store import EmbeddingStore
-
-        size = EmbeddingStore(self.cell_store).cell_px * self.grid.resolution
+        size = self.cell_m
         cy, cx = np.mgrid[y0 : y0 + h, x0 : x0 + w]
         xs = self.grid.left + (cx.ravel() + 0.5) * size
         ys = self.grid.top - (cy.ravel() + 0.5) * size
