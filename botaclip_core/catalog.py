@@ -353,7 +353,7 @@ class DownstreamSettings(StrictModel):
     jobs: int | None = Field(
         None,
         ge=1,
-        description="Species fitted at once (threads); default: the cores, at most 4.",
+        description="Species fitted at once (worker processes); default: the cores, at most 4.",
         json_schema_extra={"runtime": True},
     )
     bootstrap: int = Field(

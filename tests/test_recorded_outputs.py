@@ -42,8 +42,9 @@ def test_outputs_equal_the_recorded_ones(tmp_path, variant):
         kind: {tuple(r[:-1]): r[-1] for r in rows}
         for kind, rows in expected["downstream_by_cpu"].items()
     }
-    keys = max((set(r) for r in records.values()), key=len)
-    assert got_rows.keys() == keys
+    # a kind recorded before the rows changed would hold fewer (or other) keys: re-record it
+    stale = [kind for kind, r in records.items() if r.keys() != got_rows.keys()]
+    assert not stale, f"metric rows of CPU kind(s) {stale} are stale: record them again"
     want_rows = records.get(cpu_kind(), {})
     for key, value in want_rows.items():
         if value is None:  # an undefined metric (a Boyce index with too few windows)
