@@ -11,9 +11,12 @@ the SWI *training* data only (each species' presences against the background, 50
 every model, and prints the mean held-out AUC of each. The test sites play no part in it.
 ``--params`` sets hyper-parameters (``ModelParams`` fields as JSON) of both runs, so that
 candidate configurations are compared on the same folds; ``--models`` limits the models fitted.
+``--target-group`` adds the SWI runs of the same models against a target-group background
+(``sdm-benchmark --background target-group``) beside the benchmark's own.
 
     python benchmarks/bench_downstream.py [--realdata ../shared/realdata] [--select]
         [--species N] [--folds K] [--params '{"rf_min_leaf": 5}'] [--models rf,ensemble]
+        [--target-group]
 """
 
 from __future__ import annotations
@@ -48,11 +51,19 @@ from botaclip_core.sdm.models import (  # noqa: E402
 
 
 def sdm_benchmark(
-    folder: Path, region: str, model: str, out: Path, jobs: int, params: str | None
+    folder: Path,
+    region: str,
+    model: str,
+    out: Path,
+    jobs: int,
+    params: str | None,
+    background: str = "given",
 ) -> dict:
     """The CLI entry point as a user runs it; its one JSON line."""
     cmd = [sys.executable, "-m", "flows.cli", "sdm-benchmark", str(folder), "--region", region]
-    cmd += ["--model", model, "--out", str(out / f"{region}-{model}.csv"), "--jobs", str(jobs)]
+    table = out / f"{region}-{model}-{background}.csv"
+    cmd += ["--model", model, "--out", str(table), "--jobs", str(jobs)]
+    cmd += ["--background", background]
     cmd += ["--params", params] if params else []
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -116,6 +127,9 @@ def main() -> None:
     parser.add_argument(
         "--models", default=",".join(MODEL_NAMES), help="--select: models, comma-separated."
     )
+    parser.add_argument(
+        "--target-group", action="store_true", help="Also SWI against a target-group background."
+    )
     args = parser.parse_args()
     params = ModelParams.model_validate_json(args.params or "{}")
     swi = args.realdata / "disdat_swi"
@@ -135,6 +149,14 @@ def main() -> None:
             for model in dict.fromkeys([DEFAULT_MODEL, "glm", "rf"]):
                 line = sdm_benchmark(swi, "SWI", model, Path(out), args.jobs, args.params)
                 result["swi"][model] = {"mean_auc": line["mean_auc"], "seconds": line["seconds"]}
+            for model in dict.fromkeys([DEFAULT_MODEL, "glm", "rf"] if args.target_group else []):
+                line = sdm_benchmark(
+                    swi, "SWI", model, Path(out), args.jobs, args.params, "target-group"
+                )
+                result.setdefault("swi_target_group", {})[model] = {
+                    "mean_auc": line["mean_auc"],
+                    "seconds": line["seconds"],
+                }
         result["default_model"] = DEFAULT_MODEL
         result["butterflies_blocked_mean_auc"] = butterflies(
             args.realdata / "butterflies_gb", args.jobs, params

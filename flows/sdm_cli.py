@@ -28,6 +28,14 @@ def sdm_benchmark(
             help="Per-species table (.csv or .parquet); default ./sdm-<region>-<model>.csv."
         ),
     ] = None,
+    background: Annotated[
+        str,
+        typer.Option(
+            help="given: NAMEtrain_bg.csv (the benchmark's protocol); target-group: those "
+            "points plus the other species' presence sites of the same group (Phillips et al. "
+            "2009)."
+        ),
+    ] = "given",
     seed: Annotated[int, typer.Option(help="Seed of every model.")] = 0,
     jobs: Annotated[int, typer.Option(help="Threads of the random forest.")] = 1,
     params: Annotated[
@@ -43,7 +51,7 @@ def sdm_benchmark(
     """
     from pydantic import ValidationError
 
-    from botaclip_core.sdm.benchmark import load_benchmark, run_benchmark
+    from botaclip_core.sdm.benchmark import BACKGROUNDS, load_benchmark, run_benchmark
     from botaclip_core.sdm.models import ModelParams
     from flows.cli import _fail
 
@@ -51,6 +59,10 @@ def sdm_benchmark(
     try:
         if model not in MODEL_NAMES:
             raise InputDataError(f"--model {model!r}: unknown; use one of {', '.join(MODEL_NAMES)}")
+        if background not in BACKGROUNDS:
+            raise InputDataError(
+                f"--background {background!r}: unknown; use one of {', '.join(BACKGROUNDS)}"
+            )
         cats = [c.strip() for c in categorical.split(",") if c.strip()] if categorical else []
         try:
             chosen = ModelParams.model_validate_json(params or "{}").model_copy(
@@ -59,8 +71,15 @@ def sdm_benchmark(
         except ValidationError as exc:
             raise InputDataError(f"--params: {exc}") from exc
         bench = load_benchmark(folder, region, categorical=cats)
-        summary, table = run_benchmark(bench, model, chosen, seed=seed)  # type: ignore[arg-type]
-        path = out or Path.cwd() / f"sdm-{region}-{model}.csv"
+        summary, table = run_benchmark(
+            bench,
+            model,  # type: ignore[arg-type]
+            chosen,
+            seed=seed,
+            background=background,  # type: ignore[arg-type]
+        )
+        suffix = "" if background == "given" else f"-{background}"
+        path = out or Path.cwd() / f"sdm-{region}-{model}{suffix}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".parquet":
             table.to_parquet(path, index=False)

@@ -182,3 +182,58 @@ def test_text_covariate_not_named_categorical_is_one_clear_error(subset):
 
     with pytest.raises(InputDataError, match="covariate soil has no numeric value"):
         load_benchmark(subset, "SUB")
+
+
+def test_target_group_background_by_hand(subset, tmp_path):
+    # the reference: pandas on the CSV rows. swi12 is moved to another group, so swi01's
+    # target-group background is the sites of swi01 and swi02, once each
+    region = tmp_path / "tg"
+    region.mkdir()
+    for f in subset.iterdir():
+        (region / f.name).write_bytes(f.read_bytes())
+    po = pd.read_csv(region / "SUBtrain_po.csv")
+    po.loc[po["spid"] == "swi12", "group"] = "shrub"
+    po.to_csv(region / "SUBtrain_po.csv", index=False)
+    bg = pd.read_csv(region / "SUBtrain_bg.csv")
+    bench = load_benchmark(region, "SUB", categorical=["soil"])
+
+    covariates = [c for c in po.columns if c not in META]
+    train = pd.get_dummies(pd.concat([po, bg])[covariates], columns=["soil"], dtype=float)
+    z = (train.to_numpy() - train.to_numpy().mean(0)) / train.to_numpy().std(0)
+    sites = po[po["spid"].isin(["swi01", "swi02"])].drop_duplicates("siteid")
+    expected = z[: len(po)][sites.index.to_numpy()]
+    got = bench.background_for("swi01", "target-group")
+    shared = po["siteid"][po["spid"] == "swi01"].isin(po["siteid"][po["spid"] == "swi02"])
+    assert shared.sum() > 50 and got.shape == expected.shape  # shared sites counted once
+    np.testing.assert_allclose(
+        got[np.lexsort(got.T)], expected[np.lexsort(expected.T)], rtol=0, atol=1e-12
+    )
+    assert bench.background_for("swi01") is bench.background  # the benchmark's own points
+    from botaclip_core.errors import InputDataError
+
+    with pytest.raises(InputDataError, match="'swi12' is the only species of group 'shrub'"):
+        bench.background_for("swi12", "target-group")
+
+    whole = load_benchmark(subset, "SUB", categorical=["soil"])  # one group: tree
+    summary, table = run_benchmark(whole, "glm", seed=0, background="target-group")
+    assert set(table["n_background"]) == {po["siteid"].nunique()}
+    assert set(table["background"]) == {"target-group"}
+    given, _ = run_benchmark(whole, "glm", seed=0)
+    assert summary["mean_auc"] != given["mean_auc"]
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "sdm-benchmark",
+            str(region),
+            "--region",
+            "SUB",
+            "--categorical",
+            "soil",
+            "--background",
+            "sampled",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "--background 'sampled': unknown; use one of given, target-group" in result.output
+    assert "Traceback" not in result.output
