@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 PORT   ?= 4200
+# test processes for `make test` (most tests run one core's worth of Python); 0 runs in-process
+TEST_WORKERS ?= 2
 # apt-get needs root: sudo when we are not
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -35,7 +37,7 @@ demo-tiny: $(VENV)/.stamp-install
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -m slow

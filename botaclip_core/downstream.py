@@ -131,9 +131,12 @@ def _map(fn: Callable[[int], T], n: int, settings: DownstreamSettings) -> list[T
     generators, so the results do not depend on which worker fits which species.
     """
     from sklearn.utils.parallel import Parallel, delayed
+    from threadpoolctl import threadpool_limits
 
     if _jobs(settings) == 1 or n < 2:
-        return [_one_thread(fn, j) for j in range(n)]
+        # one limit around them all: setting it looks up the loaded libraries, 7 ms a time
+        with threadpool_limits(limits=1):
+            return [fn(j) for j in range(n)]
     return list(
         Parallel(n_jobs=_jobs(settings), backend="loky")(
             delayed(_one_thread)(fn, j) for j in range(n)

@@ -14,17 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from light_demo import LIGHT_DOWNSTREAM
+
 REPO = Path(__file__).resolve().parents[1]
-# the tiny demo with one downstream model: these tests are about orchestration, and each model
-# fitted per species, fold and feature source costs seconds
-ONE_MODEL = {"downstream": {"models": ["glm"]}}
 
 
 def tiny_demo(root: Path) -> Path:
-    """The tiny demo region under ``root`` (one downstream model); returns its catalog."""
+    """The tiny demo region under ``root`` (a light downstream stage); returns its catalog."""
     from botaclip_core.demo import write_demo_region
 
-    return write_demo_region(root, size="tiny", catalog_overrides=ONE_MODEL)
+    return write_demo_region(root, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
 
 
 def free_port() -> int:

@@ -131,6 +131,7 @@ def test_demo_in_process_writes_report_and_stage_folders(demo_run):
     assert_demo_outputs(demo_run)
 
 
+@pytest.mark.slow  # 32 s; `botaclip run` under Prefect is in make test (test_flow, test_ops)
 def test_demo_under_prefect_writes_the_same_and_records_the_flow_run(tmp_path, prefect_harness):
     demo = run_demo(tmp_path)
     assert_demo_outputs(demo)

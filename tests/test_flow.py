@@ -8,36 +8,49 @@ from pathlib import Path
 import pytest
 import rioxarray  # noqa: F401
 import xarray as xr
+from light_demo import LIGHT_DOWNSTREAM, LIGHT_SOURCES
 from typer.testing import CliRunner
 
 from botaclip_core.demo import write_demo_region
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline_flow
 
-# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
-SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
-
 
 def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
 
-    catalog = write_demo_region(tmp_path, size="tiny")
+    catalog = write_demo_region(tmp_path, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
     report_path = tmp_path / "report.json"
     params = PipelineParams(catalog=str(catalog), region="demo", report=str(report_path))
-    first = pipeline_flow(params)
+    first_state = pipeline_flow(params, return_state=True)
+    first = first_state.result()
     assert {s["status"] for s in first["stages"].values()} == {"completed"}
     assert json.loads(report_path.read_text())["downstream"] == first["downstream"]
     emb = xr.open_zarr(first["embeddings"]["botaclip"])
     assert emb.rio.crs.to_epsg() == 2154
 
-    second = pipeline_flow(params)
+    state = pipeline_flow(params, return_state=True)
+    second = state.result()
     assert {s["status"] for s in second["stages"].values()} == {"cached"}
     assert second["downstream"] == first["downstream"]
 
     async def states_and_artifact():
+        # these runs' own: the harness's database holds the runs of every test in this process
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            FlowRunFilter,
+            FlowRunFilterId,
+        )
+
+        ids = [first_state.state_details.flow_run_id, state.state_details.flow_run_id]
         async with get_client() as client:
-            runs = await client.read_task_runs()
-            artifacts = await client.read_artifacts()
+            runs = await client.read_task_runs(  # the rerun's
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[1:]))
+            )
+            artifacts = await client.read_artifacts(  # both runs': training publishes once
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+            )
         return [r.state.name for r in runs if r.name.startswith(("tile", "embed"))], artifacts
 
     import asyncio
@@ -47,7 +60,7 @@ def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     assert any(a.key == "botaclip-training-demo" for a in artifacts)  # training curve in the UI
     table = next(a for a in artifacts if a.key == "botaclip-metrics-demo")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["features"] for r in rows} == set(SOURCES)
+    assert {r["features"] for r in rows} == set(LIGHT_SOURCES)
 
     # the workdir removed behind Prefect's back: the stale cache record is not trusted
     import shutil
@@ -137,7 +150,7 @@ def test_bad_data_fails_once_with_a_clear_message(tmp_path, prefect_harness):
 
 
 def test_report_outside_the_workdir_in_process_and_under_prefect(tmp_path, prefect_harness):
-    catalog = write_demo_region(tmp_path / "demo", size="tiny")
+    catalog = write_demo_region(tmp_path / "demo", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
     elsewhere = tmp_path / "elsewhere" / "nested" / "vercors.json"  # folders that do not exist
     runner = CliRunner()
     args = ["run", str(catalog), "--region", "demo", "--report", str(elsewhere)]

@@ -33,8 +33,9 @@ from flows.cli import app
 
 
 def demo_run(root: Path, **overrides):
+    """The tiny demo's maps (its stages up to ``embed``: these tests need no species models)."""
     catalog = write_demo_region(root, size="tiny", catalog_overrides=overrides or None)
-    return catalog, run_region(load_catalog(catalog), "demo")
+    return catalog, run_region(load_catalog(catalog), "demo", stages=["embed"])
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,8 @@ def test_strided_map_of_a_real_orthophoto_equals_centred_windows(realdata, tmp_p
 
 def test_run_shows_progress_for_tiling_and_embedding(tmp_path):
     catalog = write_demo_region(tmp_path, size="tiny")
-    result = CliRunner().invoke(app, ["run", str(catalog), "--region", "demo", "--no-prefect"])
+    args = ["run", str(catalog), "--region", "demo", "--stages", "embed", "--no-prefect"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "tiling image.zarr" in result.output and "embedding dofa.zarr" in result.output
     assert "4/4" in result.output and "tiles" in result.output

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from prefect_server import ONE_MODEL, REPO, free_port, prefect_server, stop, tiny_demo
+from light_demo import LIGHT_DOWNSTREAM, LIGHT_SOURCES
+from prefect_server import REPO, free_port, prefect_server, stop, tiny_demo
 
 from botaclip_core.demo import write_demo_region
 from botaclip_core.run_report import run_report_markdown, stage_facts
@@ -20,7 +21,6 @@ from botaclip_core.store import SUCCESS
 from flows.server import mask_password, server_spec
 
 # the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
-SOURCES = ("dofa", "botaclip", "botasp", "spectral", "covariates", "botaclip+covariates")
 
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
@@ -98,7 +98,7 @@ def test_tiny_demo_against_a_real_server_shows_the_run_its_stages_and_artifacts(
 
     by_key = {a.key: a for a in artifacts if a.key}
     metrics = _data(by_key["botaclip-metrics-demo"])
-    assert {r["features"] for r in metrics} == set(SOURCES)
+    assert {r["features"] for r in metrics} == set(LIGHT_SOURCES)
     assert len(_data(by_key["botaclip-training-demo"])) >= 1  # the training curve
     report = json.loads((workdir / "reports" / "demo.json").read_text())
     markdown = by_key["botaclip-report-demo"]
@@ -235,7 +235,9 @@ def test_tile_and_embed_through_a_separately_started_cluster_equal_an_in_process
     try:
         _wait_for_workers(address, 2)
         for where, extra in (("cluster", ["--dask-address", address]), ("local", [])):
-            catalog = write_demo_region(tmp_path / where, size="tiny", catalog_overrides=ONE_MODEL)
+            catalog = write_demo_region(
+                tmp_path / where, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM
+            )
             args = [
                 "run",
                 str(catalog),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import toy_stage
 import xarray as xr
+from light_demo import LIGHT_DOWNSTREAM
 
 from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
@@ -127,7 +128,7 @@ def test_architecture_page_shows_the_registry_dag():
     assert "(docs/architecture.md)" in (ROOT / "README.md").read_text()
 
 
-def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_harness):
+def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, prefect_harness):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -135,6 +136,7 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_h
 
     from flows.pipeline import PipelineParams, pipeline_flow
 
+    catalog = write_demo_region(tmp_path / "dag", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
     report = pipeline_flow(PipelineParams(catalog=str(catalog), region="demo"))
     assert {s["status"] for s in report["stages"].values()} == {"completed"}
 
@@ -158,7 +160,12 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, catalog, prefect_h
     # two interleave beyond that is up to the scheduler on a busy machine)
     assert tile.start_time < branch_end
     # concurrency changed nothing: the same metrics as the in-process, one-at-a-time run
-    sequential = run_region(load_catalog(write_demo_region(tmp_path / "seq", size="tiny")), "demo")
+    sequential = run_region(
+        load_catalog(
+            write_demo_region(tmp_path / "seq", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
+        ),
+        "demo",
+    )
     assert report["downstream"] == sequential["downstream"]
     for name in ("dofa", "botaclip", "botasp"):
         a = xr.open_zarr(report["embeddings"][name])["embedding"].values
