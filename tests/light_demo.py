@@ -9,6 +9,8 @@ fixture check.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 LIGHT_SOURCES = ("botaclip",)
 LIGHT_DOWNSTREAM = {
     "downstream": {
@@ -17,3 +19,10 @@ LIGHT_DOWNSTREAM = {
         "bootstrap": 0,
     }
 }
+
+
+def tiny_demo(root: Path) -> Path:
+    """The tiny demo region under ``root`` with the light downstream stage; returns its catalog."""
+    from botaclip_core.demo import write_demo_region
+
+    return write_demo_region(root, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)

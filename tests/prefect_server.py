@@ -14,16 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from light_demo import LIGHT_DOWNSTREAM
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_demo(root: Path) -> Path:
-    """The tiny demo region under ``root`` (a light downstream stage); returns its catalog."""
-    from botaclip_core.demo import write_demo_region
-
-    return write_demo_region(root, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
 
 
 def free_port() -> int:

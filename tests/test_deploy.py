@@ -12,7 +12,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 import xarray as xr
-from prefect_server import REPO, prefect_server, stop, tiny_demo
+from light_demo import tiny_demo
+from prefect_server import REPO, prefect_server, stop
 from pydantic import ValidationError
 
 from botaclip_core.catalog import load_catalog

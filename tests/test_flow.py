@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import rioxarray  # noqa: F401
 import xarray as xr
-from light_demo import LIGHT_DOWNSTREAM, LIGHT_SOURCES
+from light_demo import LIGHT_SOURCES, tiny_demo
 from typer.testing import CliRunner
 
 from botaclip_core.demo import write_demo_region
@@ -19,7 +19,7 @@ from flows.pipeline import PipelineParams, pipeline_flow
 def test_flow_runs_caches_and_publishes_metrics(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
 
-    catalog = write_demo_region(tmp_path, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
+    catalog = tiny_demo(tmp_path)
     report_path = tmp_path / "report.json"
     params = PipelineParams(catalog=str(catalog), region="demo", report=str(report_path))
     first_state = pipeline_flow(params, return_state=True)
@@ -150,7 +150,7 @@ def test_bad_data_fails_once_with_a_clear_message(tmp_path, prefect_harness):
 
 
 def test_report_outside_the_workdir_in_process_and_under_prefect(tmp_path, prefect_harness):
-    catalog = write_demo_region(tmp_path / "demo", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
+    catalog = tiny_demo(tmp_path / "demo")
     elsewhere = tmp_path / "elsewhere" / "nested" / "vercors.json"  # folders that do not exist
     runner = CliRunner()
     args = ["run", str(catalog), "--region", "demo", "--report", str(elsewhere)]

@@ -12,15 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from light_demo import LIGHT_DOWNSTREAM, LIGHT_SOURCES
-from prefect_server import REPO, free_port, prefect_server, stop, tiny_demo
+from light_demo import LIGHT_SOURCES, tiny_demo
+from prefect_server import REPO, free_port, prefect_server, stop
 
-from botaclip_core.demo import write_demo_region
 from botaclip_core.run_report import run_report_markdown, stage_facts
 from botaclip_core.store import SUCCESS
 from flows.server import mask_password, server_spec
-
-# the tiny demo's feature sources: its maps, the spectral baseline, its covariate rasters
 
 ALL_STAGES = ["tile", "rasterize", "features", "finetune", "embed-dofa", "embed", "downstream"]
 
@@ -235,9 +232,7 @@ def test_tile_and_embed_through_a_separately_started_cluster_equal_an_in_process
     try:
         _wait_for_workers(address, 2)
         for where, extra in (("cluster", ["--dask-address", address]), ("local", [])):
-            catalog = write_demo_region(
-                tmp_path / where, size="tiny", catalog_overrides=LIGHT_DOWNSTREAM
-            )
+            catalog = tiny_demo(tmp_path / where)
             args = [
                 "run",
                 str(catalog),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import toy_stage
 import xarray as xr
-from light_demo import LIGHT_DOWNSTREAM
+from light_demo import tiny_demo
 
 from botaclip_core.catalog import load_catalog
 from botaclip_core.demo import write_demo_region
@@ -136,7 +136,7 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, prefect_harness):
 
     from flows.pipeline import PipelineParams, pipeline_flow
 
-    catalog = write_demo_region(tmp_path / "dag", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
+    catalog = tiny_demo(tmp_path / "dag")
     report = pipeline_flow(PipelineParams(catalog=str(catalog), region="demo"))
     assert {s["status"] for s in report["stages"].values()} == {"completed"}
 
@@ -160,12 +160,7 @@ def test_flow_graph_is_the_dag_and_branches_overlap(tmp_path, prefect_harness):
     # two interleave beyond that is up to the scheduler on a busy machine)
     assert tile.start_time < branch_end
     # concurrency changed nothing: the same metrics as the in-process, one-at-a-time run
-    sequential = run_region(
-        load_catalog(
-            write_demo_region(tmp_path / "seq", size="tiny", catalog_overrides=LIGHT_DOWNSTREAM)
-        ),
-        "demo",
-    )
+    sequential = run_region(load_catalog(tiny_demo(tmp_path / "seq")), "demo")
     assert report["downstream"] == sequential["downstream"]
     for name in ("dofa", "botaclip", "botasp"):
         a = xr.open_zarr(report["embeddings"][name])["embedding"].values

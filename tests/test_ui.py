@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prefect_server import REPO, prefect_server, tiny_demo
+from light_demo import tiny_demo
+from prefect_server import REPO, prefect_server
 
 pytestmark = pytest.mark.ui
 
